@@ -1,0 +1,510 @@
+"""Reading and writing tensor files safely and without holding whole models in memory.
+
+Reading: the safetensors header is validated by us before safetensors' own lazy `safe_open`
+touches the file, so a broken file gets an error that names the file and the problem instead of
+a Rust panic message. Pickled checkpoints are only ever loaded with `weights_only=True`.
+
+Writing: the header is computed from the planned tensors, the file is pre-sized, each tensor is
+written at its offset as soon as it is ready (so peak memory is one tensor, not the model), and
+the temporary file is fsynced and renamed over the destination only when every tensor is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from library.errors import LoraToolsError
+
+# safetensors' own limit for the JSON header; anything bigger is corruption, not metadata.
+MAX_HEADER_BYTES = 100_000_000
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+_PRECISION_ALIASES = {
+    "fp32": torch.float32, "float": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "half": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2, "float8_e5m2": torch.float8_e5m2,
+    "fp64": torch.float64, "float64": torch.float64,
+}
+PRECISION_CHOICES = ["fp32", "float", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """Map a user's precision name (`fp16`, `bf16`, `float`, ...) to a torch dtype; None stays None."""
+    if name is None:
+        return None
+    try:
+        return _PRECISION_ALIASES[name.lower()]
+    except KeyError:
+        raise LoraToolsError(f"unknown precision {name!r}; use one of {', '.join(PRECISION_CHOICES)}") from None
+
+
+def cast_clamped(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Cast to `dtype`, clamping to its finite range first so that a cast never creates inf.
+
+    fp16 overflows at 65504 and fp8 e4m3fn at 448: a plain `.to()` would turn large values into
+    inf (or NaN for e4m3fn, which has no inf), silently breaking the model.
+    """
+    if dtype is None or tensor.dtype == dtype:
+        return tensor
+    if dtype.is_floating_point and tensor.is_floating_point():
+        target = torch.finfo(dtype)
+        source = torch.finfo(tensor.dtype)
+        if target.max < source.max:
+            tensor = tensor.clamp(min=target.min, max=target.max)
+    return tensor.to(dtype)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Read and validate a safetensors header; raise LoraToolsError naming the file on any defect."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LoraToolsError("not a safetensors file: shorter than the 8-byte header length", file=path)
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES:
+                raise LoraToolsError(
+                    f"not a safetensors file or corrupt: header length {header_len} is over the "
+                    f"{MAX_HEADER_BYTES}-byte limit", file=path)
+            if 8 + header_len > size:
+                raise LoraToolsError(
+                    f"truncated or not a safetensors file: header length {header_len} runs past the end "
+                    f"of the {size}-byte file", file=path)
+            raw = f.read(header_len)
+    except FileNotFoundError:
+        raise LoraToolsError("no such file", file=path) from None
+    except IsADirectoryError:
+        raise LoraToolsError("is a directory, expected a file", file=path) from None
+    except PermissionError:
+        raise LoraToolsError("permission denied", file=path) from None
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoraToolsError(f"not a safetensors file or corrupt: header is not valid JSON ({exc})", file=path) from None
+    if not isinstance(parsed, dict):
+        raise LoraToolsError("corrupt safetensors header: expected a JSON object", file=path)
+    data_start = 8 + header_len
+    data_size = size - data_start
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise LoraToolsError("corrupt safetensors header: __metadata__ must map strings to strings", file=path)
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in parsed.items():
+        tensors[key] = _validate_entry(path, key, entry, data_size)
+    _check_no_overlap(path, tensors, data_size)
+    return Header(tensors=tensors, metadata=dict(metadata), data_start=data_start, file_size=size)
+
+
+def _validate_entry(path: str, key: str, entry: object, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise LoraToolsError("corrupt safetensors header: entry is not an object", file=path, key=key)
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise LoraToolsError(f"unknown dtype {dtype!r}", file=path, key=key)
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise LoraToolsError(f"invalid shape {shape!r}", file=path, key=key)
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)):
+        raise LoraToolsError(f"invalid data_offsets {offsets!r}", file=path, key=key)
+    begin, end = offsets
+    if begin > end or end > data_size:
+        raise LoraToolsError(
+            f"data_offsets {offsets} lie outside the {data_size}-byte data section (truncated file?)", file=path, key=key)
+    expected = math.prod(shape) * _itemsize(DTYPES[dtype])
+    if end - begin != expected:
+        raise LoraToolsError(
+            f"data_offsets span {end - begin} bytes but dtype {dtype} and shape {shape} need {expected}",
+            file=path, key=key)
+    return TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _check_no_overlap(path: str, tensors: Mapping[str, TensorInfo], data_size: int) -> None:
+    spans = sorted((info.begin, info.end, key) for key, info in tensors.items() if info.end > info.begin)
+    for (_, prev_end, prev_key), (begin, _, key) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise LoraToolsError(f"tensor data overlaps that of {prev_key!r}", file=path, key=key)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _is_zip_or_pickle(path: str) -> bool:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    # zip archives (torch.save since 1.6) start with "PK"; legacy pickles with protocol byte 0x80.
+    return magic == b"PK" or magic[:1] == b"\x80"
+
+
+class LazyReader:
+    """Read tensors one at a time from a safetensors file (or a pickled checkpoint, loaded safely)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._handle = None
+        self._state: dict[str, torch.Tensor] | None = None
+        if not os.path.exists(self.path):
+            raise LoraToolsError("no such file", file=self.path)
+        if os.path.isdir(self.path):
+            raise LoraToolsError("is a directory, expected a file", file=self.path)
+        if Path(self.path).suffix.lower() in PICKLE_SUFFIXES or _is_zip_or_pickle(self.path):
+            self._state, self.metadata = _load_pickled(self.path), {}
+            self.header = None
+            return
+        self.header = read_header(self.path)
+        self.metadata = self.header.metadata
+        from safetensors import safe_open
+
+        try:
+            self._handle = safe_open(self.path, framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for what we did not catch
+            raise LoraToolsError(f"cannot open as safetensors: {exc}", file=self.path) from None
+
+    def __enter__(self) -> "LazyReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handle = None
+        self._state = None
+
+    def keys(self) -> list[str]:
+        if self._state is not None:
+            return list(self._state)
+        return list(self.header.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        if self._state is not None:
+            return key in self._state
+        return key in self.header.tensors
+
+    def _info(self, key: str) -> TensorInfo:
+        try:
+            return self.header.tensors[key]
+        except KeyError:
+            raise LoraToolsError("no such tensor in the file", file=self.path, key=key) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._state is not None:
+            return tuple(self._tensor_from_state(key).shape)
+        return self._info(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        if self._state is not None:
+            return self._tensor_from_state(key).dtype
+        return DTYPES[self._info(key).dtype]
+
+    def nbytes(self, key: str) -> int:
+        if self._state is not None:
+            t = self._tensor_from_state(key)
+            return t.numel() * t.element_size()
+        info = self._info(key)
+        return info.end - info.begin
+
+    def _tensor_from_state(self, key: str) -> torch.Tensor:
+        try:
+            return self._state[key]
+        except KeyError:
+            raise LoraToolsError("no such tensor in the file", file=self.path, key=key) from None
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._state is not None:
+            return self._tensor_from_state(key)
+        self._info(key)
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as exc:
+            raise LoraToolsError(f"cannot read tensor: {exc}", file=self.path, key=key) from None
+
+    def get_raw(self, key: str) -> bytes:
+        """The tensor's bytes exactly as stored, for bit-for-bit copies without a decode."""
+        if self._state is not None:
+            return tensor_bytes(self._tensor_from_state(key))
+        info = self._info(key)
+        with open(self.path, "rb") as f:
+            f.seek(self.header.data_start + info.begin)
+            return f.read(info.end - info.begin)
+
+
+def _load_pickled(path: str) -> dict[str, torch.Tensor]:
+    """Load a .ckpt/.pt/.bin with weights_only=True, so no code in the file can run."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # mmap needs the zip format; legacy pickles fall back to a plain (still weights_only) load.
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise LoraToolsError(f"refused or unreadable pickled checkpoint (loaded with weights_only=True): {exc}",
+                                 file=path) from None
+    except Exception as exc:
+        raise LoraToolsError(f"refused or unreadable pickled checkpoint (loaded with weights_only=True): {exc}",
+                             file=path) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise LoraToolsError("pickled file holds no state dict", file=path)
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor of a (small) file such as a LoRA, with its metadata."""
+    with LazyReader(path) as reader:
+        return {key: reader.get(key) for key in reader.keys()}, dict(reader.metadata)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The little-endian bytes of a tensor, without a copy when it is already contiguous on CPU."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> str:
+    """Refuse to write over an input, or over an existing file unless `overwrite` is given."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise LoraToolsError("output folder does not exist", file=path)
+    if os.path.isdir(path):
+        raise LoraToolsError("output path is a directory", file=path)
+    for source in inputs:
+        source = os.path.abspath(os.fspath(source))
+        same = os.path.realpath(source) == os.path.realpath(path)
+        if not same and os.path.exists(path) and os.path.exists(source):
+            same = os.path.samefile(source, path)
+        if same:
+            raise LoraToolsError("output path is one of the inputs; refusing to overwrite an input", file=path)
+    if os.path.exists(path) and not overwrite:
+        raise LoraToolsError("output exists; pass --overwrite to replace it", file=path)
+    return path
+
+
+# Fixed-width placeholders let the header be written before the data whose hash it records.
+_HASH_KEYS = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
+LEGACY_HASH_OFFSET = 0x100000
+LEGACY_HASH_SIZE = 0x10000
+
+
+class StreamingWriter:
+    """Write a safetensors file tensor by tensor, atomically.
+
+    `specs` fixes every key's dtype and shape up front, so the header and all offsets are known
+    before any data exists; tensors may then be written in any order. With `kohya_hashes=True`
+    the sd-scripts hashes (`sshs_model_hash`, `sshs_legacy_hash`) are computed from the bytes
+    actually written and patched into the header.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None, *, inputs: Iterable[str | os.PathLike] = (),
+                 overwrite: bool = False, kohya_hashes: bool = False):
+        self.path = check_output_path(path, inputs, overwrite)
+        self.kohya_hashes = kohya_hashes
+        metadata = dict(metadata or {})
+        if kohya_hashes:
+            metadata.update(_HASH_KEYS)
+        self._metadata = metadata
+        self._entries: dict[str, TensorInfo] = {}
+        offset = 0
+        for key, (dtype, shape) in specs.items():
+            if dtype not in DTYPE_NAMES:
+                raise ValueError(f"dtype {dtype} cannot be stored in safetensors ({key})")
+            shape = tuple(int(d) for d in shape)
+            nbytes = math.prod(shape) * _itemsize(dtype)
+            self._entries[key] = TensorInfo(DTYPE_NAMES[dtype], shape, offset, offset + nbytes)
+            offset += nbytes
+        self._data_size = offset
+        self._header_bytes = self._encode_header(self._metadata)
+        self._written: set[str] = set()
+        self._file = None
+        self._tmp = None
+
+    def _encode_header(self, metadata: Mapping[str, str]) -> bytes:
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        for key, info in self._entries.items():
+            header[key] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # data section aligned to 8 bytes, as safetensors does
+        return struct.pack("<Q", len(raw)) + raw
+
+    def __enter__(self) -> "StreamingWriter":
+        folder = os.path.dirname(self.path)
+        fd, self._tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(self.path) + "-", dir=folder)
+        self._file = os.fdopen(fd, "w+b")
+        self._file.write(self._header_bytes)
+        self._file.truncate(len(self._header_bytes) + self._data_size)
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        info = self._entry(key)
+        dtype = DTYPES[info.dtype]
+        if tuple(tensor.shape) != info.shape:
+            raise ValueError(f"{key}: planned shape {info.shape}, got {tuple(tensor.shape)}")
+        self._write_bytes(key, info, tensor_bytes(cast_clamped(tensor, dtype)))
+
+    def write_raw(self, key: str, data: bytes | memoryview) -> None:
+        """Write already-encoded bytes (e.g. copied from an input) for a planned key."""
+        info = self._entry(key)
+        self._write_bytes(key, info, data)
+
+    def _entry(self, key: str) -> TensorInfo:
+        if key in self._written:
+            raise ValueError(f"{key} written twice")
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise ValueError(f"{key} was not planned") from None
+
+    def _write_bytes(self, key: str, info: TensorInfo, data: bytes | memoryview) -> None:
+        if len(data) != info.end - info.begin:
+            raise ValueError(f"{key}: expected {info.end - info.begin} bytes, got {len(data)}")
+        self._file.seek(len(self._header_bytes) + info.begin)
+        self._file.write(data)
+        self._written.add(key)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                missing = [k for k in self._entries if k not in self._written]
+                if missing:
+                    raise ValueError(f"{len(missing)} planned tensors were never written, e.g. {missing[:3]}")
+                if self.kohya_hashes:
+                    self._patch_hashes()
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+                _fsync_folder(os.path.dirname(self.path))
+        finally:
+            if self._file is not None and not self._file.closed:
+                self._file.close()
+            if self._tmp is not None and os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+
+    def _patch_hashes(self) -> None:
+        start = len(self._header_bytes)
+        model_hash = _sha256_of_range(self._file, start, self._data_size)
+        metadata = dict(self._metadata, sshs_model_hash=model_hash)
+        header = self._encode_header(metadata)
+        assert len(header) == start
+        self._file.seek(0)
+        self._file.write(header)
+        self._file.flush()
+        legacy = _legacy_hash_of(self._file)
+        metadata["sshs_legacy_hash"] = legacy
+        header = self._encode_header(metadata)
+        self._file.seek(0)
+        self._file.write(header)
+        self._metadata = metadata
+
+
+def _sha256_of_range(f, start: int, size: int, block: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    f.seek(start)
+    remaining = size
+    while remaining > 0:
+        chunk = f.read(min(block, remaining))
+        if not chunk:
+            break
+        digest.update(chunk)
+        remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def _legacy_hash_of(f) -> str:
+    f.seek(LEGACY_HASH_OFFSET)
+    return hashlib.sha256(f.read(LEGACY_HASH_SIZE)).hexdigest()[:8]
+
+
+def kohya_hashes_of_file(path: str | os.PathLike) -> tuple[str, str]:
+    """(`sshs_model_hash`, `sshs_legacy_hash`) of a safetensors file, by sd-scripts' rules."""
+    header = read_header(path)
+    with open(path, "rb") as f:
+        model = _sha256_of_range(f, header.data_start, header.file_size - header.data_start)
+        legacy = _legacy_hash_of(f)
+    return model, legacy
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return _sha256_of_range(f, 0, os.path.getsize(path))
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                 *, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False, dtype: torch.dtype | None = None,
+                 kohya_hashes: bool = False) -> str:
+    """Write a whole dict of tensors (e.g. a LoRA) atomically; `dtype` casts floating tensors, clamped."""
+    def target_dtype(t: torch.Tensor) -> torch.dtype:
+        return dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+
+    specs = {key: (target_dtype(t), tuple(t.shape)) for key, t in tensors.items()}
+    with StreamingWriter(path, specs, metadata, inputs=inputs, overwrite=overwrite, kohya_hashes=kohya_hashes) as w:
+        for key, tensor in tensors.items():
+            w.write(key, tensor)
+    return w.path
