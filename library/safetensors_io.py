@@ -17,9 +17,9 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 
@@ -209,7 +209,7 @@ class LazyReader:
         except Exception as exc:  # safetensors raises its own error types for what we did not catch
             raise LoraToolsError(f"cannot open as safetensors: {exc}", file=self.path) from None
 
-    def __enter__(self) -> "LazyReader":
+    def __enter__(self) -> LazyReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -223,6 +223,9 @@ class LazyReader:
         if self._state is not None:
             return list(self._state)
         return list(self.header.tensors)
+
+    def __iter__(self):
+        return iter(self.keys())
 
     def __contains__(self, key: str) -> bool:
         if self._state is not None:
@@ -301,7 +304,7 @@ def _load_pickled(path: str) -> dict[str, torch.Tensor]:
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load every tensor of a (small) file such as a LoRA, with its metadata."""
     with LazyReader(path) as reader:
-        return {key: reader.get(key) for key in reader.keys()}, dict(reader.metadata)
+        return {key: reader.get(key) for key in reader}, dict(reader.metadata)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -379,7 +382,7 @@ class StreamingWriter:
         raw += b" " * (-len(raw) % 8)  # data section aligned to 8 bytes, as safetensors does
         return struct.pack("<Q", len(raw)) + raw
 
-    def __enter__(self) -> "StreamingWriter":
+    def __enter__(self) -> StreamingWriter:
         folder = os.path.dirname(self.path)
         fd, self._tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(self.path) + "-", dir=folder)
         self._file = os.fdopen(fd, "w+b")

@@ -39,7 +39,7 @@ class DoraMagnitude:
         self.axis = axis
 
     @classmethod
-    def from_dora_scale(cls, scale: torch.Tensor, name: str = "", axis: str | None = None) -> "DoraMagnitude":
+    def from_dora_scale(cls, scale: torch.Tensor, name: str = "", axis: str | None = None) -> DoraMagnitude:
         if axis is None:
             if scale.dim() == 1:
                 axis = "out"  # PEFT / AI-Toolkit store a plain [out] vector
