@@ -148,7 +148,7 @@ def _validate_entry(path: str, key: str, entry: object, data_size: int) -> Tenso
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise LoraToolsError(f"unknown dtype {dtype!r}", file=path, key=key)
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise LoraToolsError(f"invalid shape {shape!r}", file=path, key=key)
