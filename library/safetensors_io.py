@@ -511,3 +511,98 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
         for key, tensor in tensors.items():
             w.write(key, tensor)
     return w.path
+
+
+class ShardedReader:
+    """A diffusers/transformers sharded checkpoint (a folder or its `*.safetensors.index.json`) read as one file.
+
+    Same API as LazyReader; `shard_of(key)` tells which file holds a key, so a writer can keep the sharding.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        index_path = _find_index(path)
+        self.path = path
+        self.index_path = index_path
+        folder = os.path.dirname(index_path)
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LoraToolsError(f"invalid shard index: {exc}", file=index_path) from None
+        self.weight_map: dict[str, str] = dict(weight_map)
+        self.index_metadata = index.get("metadata", {})
+        self.readers: dict[str, LazyReader] = {}
+        for shard in dict.fromkeys(self.weight_map.values()):
+            self.readers[shard] = LazyReader(os.path.join(folder, shard))
+        for key, shard in self.weight_map.items():
+            if key not in self.readers[shard]:
+                raise LoraToolsError(f"index says the tensor is in {shard} but it is not there", file=index_path, key=key)
+        self.metadata = dict(next(iter(self.readers.values())).metadata) if self.readers else {}
+
+    def __enter__(self) -> ShardedReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+    def close(self) -> None:
+        self.__exit__()
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __iter__(self):
+        return iter(self.weight_map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def shard_of(self, key: str) -> str:
+        try:
+            return self.weight_map[key]
+        except KeyError:
+            raise LoraToolsError("no such tensor in the checkpoint", file=self.index_path, key=key) from None
+
+    def _reader(self, key: str) -> LazyReader:
+        return self.readers[self.shard_of(key)]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._reader(key).shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._reader(key).dtype(key)
+
+    def nbytes(self, key: str) -> int:
+        return self._reader(key).nbytes(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._reader(key).get(key)
+
+    def get_raw(self, key: str) -> bytes:
+        return self._reader(key).get_raw(key)
+
+
+def _find_index(path: str) -> str:
+    if os.path.isfile(path) and path.endswith(".index.json"):
+        return path
+    if os.path.isdir(path):
+        candidates = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
+        if len(candidates) == 1:
+            return os.path.join(path, candidates[0])
+        if not candidates:
+            raise LoraToolsError("folder has no *.safetensors.index.json shard index", file=path)
+        raise LoraToolsError(f"folder has several shard indexes {candidates}; name one", file=path)
+    raise LoraToolsError("no such file or folder", file=path)
+
+
+def open_checkpoint(path: str | os.PathLike) -> LazyReader | ShardedReader:
+    """A single-file checkpoint, or a sharded one given as its folder or index json."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(".index.json"):
+        return ShardedReader(path)
+    return LazyReader(path)

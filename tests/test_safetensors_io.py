@@ -210,3 +210,23 @@ def test_pickles_load_only_weights(tmp_path):
     with pytest.raises(LoraToolsError, match="weights_only"):
         load_tensors(bad)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_sharded_checkpoint_reads_as_one(tmp_path):
+    from library.safetensors_io import ShardedReader, open_checkpoint
+
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    save_file({"a.weight": torch.ones(2, 2)}, str(folder / "m-00001-of-00002.safetensors"))
+    save_file({"b.weight": torch.zeros(3)}, str(folder / "m-00002-of-00002.safetensors"))
+    index = {"metadata": {"total_size": 28}, "weight_map": {"a.weight": "m-00001-of-00002.safetensors",
+                                                            "b.weight": "m-00002-of-00002.safetensors"}}
+    (folder / "m.safetensors.index.json").write_text(json.dumps(index))
+    with open_checkpoint(folder) as r:
+        assert isinstance(r, ShardedReader)
+        assert sorted(r.keys()) == ["a.weight", "b.weight"] and r.shape("b.weight") == (3,)
+        assert torch.equal(r.get("a.weight"), torch.ones(2, 2)) and r.shard_of("b.weight").startswith("m-00002")
+    index["weight_map"]["c.weight"] = "m-00002-of-00002.safetensors"
+    (folder / "m.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(LoraToolsError, match="not there"):
+        open_checkpoint(folder)
