@@ -1,0 +1,136 @@
+"""Extract a LoRA from the difference of two checkpoints (tuned − base), one layer at a time.
+
+Replaces sd-scripts' extract_lora_from_models.py and flux_extract_lora.py (same flags) and ComfyUI's
+"Extract and Save Lora" node (--lora_type, --bias_diff, --rank, --prefix_model, --prefix_lora).
+
+    python extract_lora_from_models.py --model_org base.safetensors --model_tuned tuned.safetensors \\
+        --dim 64 --conv_dim 32 --save_to diff.safetensors -v --report diff.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from library.cli import add_common_args, prepare_output, progress, resolve_device, run_cli, warn
+from library.errors import LoraToolsError
+from library.extract import ExtractOptions, plan_layers, run_extraction
+from library.extract_output import OUTPUT_FORMATS, choose_naming, output_tensors_and_metadata
+from library.extract_pairs import CheckpointPair
+from library.extract_report import build_report, format_layer, format_summary, write_report
+from library.safetensors_io import parse_dtype, save_tensors
+
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_org", required=True, help="base checkpoint (.safetensors, or .ckpt loaded safely)")
+    p.add_argument("--model_tuned", required=True, help="fine-tuned checkpoint; the LoRA is tuned − base")
+    p.add_argument("--save_to", help="output LoRA (.safetensors)")
+    p.add_argument("--dim", "--rank", dest="dim", type=int, default=4,
+                   help="rank of Linear and 1x1 conv layers; the cap of --dynamic_method (default 4; --rank as ComfyUI)")
+    p.add_argument("--conv_dim", type=int, default=None,
+                   help="rank of 3x3 (k×k) convs; without it they are not extracted (sd-scripts' default)")
+    p.add_argument("--lora_type", choices=("standard", "full_diff"), default="standard",
+                   help="standard: low-rank pairs; full_diff: every weight's whole difference as `diff`")
+    p.add_argument("--bias_diff", action="store_true",
+                   help="also store bias differences (`diff_b`) and 1-D norm weight differences (`diff`)")
+    p.add_argument("--prefix_model", default="",
+                   help="extract only keys starting with this (e.g. model.diffusion_model.); default all keys")
+    p.add_argument("--prefix_lora", default=None,
+                   help="prefix of the output module names in place of --prefix_model (comfy/peft formats)")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
+                   help="output naming: the detected family's kohya names by default; peft for a model of no known "
+                        "family; comfy for ComfyUI's `diffusion_model.` names")
+    p.add_argument("--family", default=None, help="model family, when detection from the checkpoint is not wanted")
+    p.add_argument("--v2", action="store_true", help="SD2.x checkpoints (checked against detection)")
+    p.add_argument("--sdxl", action="store_true", help="SDXL checkpoints (checked against detection)")
+    p.add_argument("--v_parameterization", action="store_true", help="accepted for compatibility (metadata only)")
+    p.add_argument("--dynamic_method", choices=DYNAMIC_METHODS, default=None,
+                   help="choose each layer's rank by its singular values (resize_lora's rules), capped by --dim")
+    p.add_argument("--dynamic_param", type=float, default=None, help="parameter of --dynamic_method")
+    p.add_argument("--min_diff", type=float, default=0.0,
+                   help="skip (and list) each layer whose largest |difference| is below this. Applied per layer, "
+                        "unlike sd-scripts which used it once for the whole text encoder (default 0)")
+    p.add_argument("--clamp_quantile", type=float, default=None,
+                   help="clamp the factors to this quantile of their values, as sd-scripts did by default (0.99); "
+                        "off unless given, because the clamp only adds error")
+    p.add_argument("--exact_svd", action="store_true", help="exact SVD per layer instead of the randomized one")
+    p.add_argument("--svd_iters", type=int, default=2, help="power iterations of the randomized SVD (default 2)")
+    p.add_argument("--oversample", type=int, default=None,
+                   help="extra columns of the randomized sketch (default: the rank itself; never less than it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketches (per layer)")
+    p.add_argument("--load_precision", default=None, choices=("float", "fp32", "fp16", "bf16"),
+                   help="cast both models' weights to this before subtracting (sd-scripts' flag)")
+    p.add_argument("--mem_eff_safe_open", action="store_true",
+                   help="accepted for compatibility: tensors are always read one by one without mmap")
+    p.add_argument("--mmap", action="store_true", help="read tensors through safetensors' mmap instead")
+    p.add_argument("--no_metadata", action="store_true",
+                   help="write only what loaders need (dims, module type, PEFT config), no modelspec/provenance")
+    p.add_argument("--report", default=None, help="write per-layer ranks, retained energy and errors as JSON here")
+    add_common_args(p, precision=False)
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> ExtractOptions:
+    if args.dim < 1 or (args.conv_dim is not None and args.conv_dim < 1):
+        raise LoraToolsError("--dim and --conv_dim must be at least 1")
+    if args.dynamic_method and args.dynamic_param is None:
+        raise LoraToolsError(f"--dynamic_method {args.dynamic_method} needs --dynamic_param")
+    if args.oversample is not None and args.oversample < 0:
+        raise LoraToolsError("--oversample must be ≥ 0")
+    if args.clamp_quantile is not None and not 0 < args.clamp_quantile <= 1:
+        raise LoraToolsError("--clamp_quantile must be in (0, 1]")
+    if args.v2 and args.sdxl:
+        raise LoraToolsError("--v2 and --sdxl cannot both be given")
+    return ExtractOptions(
+        lora_type=args.lora_type, dim=args.dim, conv_dim=args.conv_dim, dynamic_method=args.dynamic_method,
+        dynamic_param=args.dynamic_param, bias_diff=args.bias_diff, min_diff=args.min_diff, exact_svd=args.exact_svd,
+        svd_iters=args.svd_iters, oversample=args.oversample, clamp_quantile=args.clamp_quantile,
+        device=resolve_device(args.device), load_dtype=parse_dtype(args.load_precision),
+        save_dtype=parse_dtype(args.save_precision) or parse_dtype("fp32"), seed=args.seed)
+
+
+def main(args: argparse.Namespace) -> dict:
+    options = options_from_args(args)
+    inputs = [args.model_org, args.model_tuned]
+    save_to = prepare_output(args.save_to, inputs, args)
+    with CheckpointPair(args.model_org, args.model_tuned, mmap=args.mmap) as pair:
+        naming = choose_naming(pair, args)
+        match = pair.match(args.prefix_model)
+        tasks, skipped = plan_layers(pair, [k for k in match.common if naming.accepts(k)], options, naming.targets_of)
+        skipped += naming.rejected(match.common)
+        if not tasks:
+            raise LoraToolsError("nothing to extract: " + ("; ".join(sorted({why for _, why in skipped})) or "no keys"),
+                                 file=args.model_tuned)
+        if args.dry_run:
+            for task in tasks:
+                rank = f" rank {task.rank}" if task.rank else ""
+                print(f"{task.key} -> {task.name} ({task.role}{rank}, {'x'.join(map(str, task.shape))})")
+            print(f"{len(tasks)} tensors would be extracted ({naming.describe()}); {len(skipped)} keys not extracted")
+            return {"tasks": tasks, "skipped": skipped}
+        bar = (lambda it, n: progress(it, desc="extracting", total=n)) if not args.debug else None
+        results = run_extraction(pair, tasks, options, bar)
+    settings = {k: v for k, v in vars(args).items() if k not in ("debug", "config_file")}
+    report = build_report(results, skipped, only_base=match.only_base, only_tuned=match.only_tuned, settings=settings)
+    kept = [r for r in results if not r.skipped]
+    if not kept:
+        raise LoraToolsError("every selected layer is identical in both models (or below --min_diff); nothing to save",
+                             file=args.model_tuned)
+    tensors, metadata = output_tensors_and_metadata(kept, naming, options, args, save_to)
+    save_tensors(save_to, tensors, metadata, inputs=inputs, overwrite=args.overwrite, kohya_hashes=True)
+    if args.verbose:
+        for entry in report["layers"]:
+            print(format_layer(entry))
+    for line in format_summary(report):
+        print(line)
+    print(f"saved {len(tensors)} tensors ({naming.describe()}) to {save_to}")
+    if args.report:
+        write_report(args.report, report)
+    if args.min_diff and report["summary"]["layers_below_min_diff"]:
+        warn("--min_diff is applied to each layer on its own (sd-scripts applied it once to the whole text encoder)")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(setup_parser, main)

@@ -1,0 +1,219 @@
+"""Extracting a LoRA from two checkpoints, one layer at a time.
+
+The plan (`plan_layers`) decides from shapes alone what each key becomes: a low-rank pair
+(2-D weights and convs), a full difference `diff` (`--lora_type full_diff`, or 1-D norm weights with
+`--bias_diff`), a bias difference `diff_b`, or nothing (listed with the reason). `extract_layer`
+then reads one (base, tuned) pair, forms ΔW in float32 on the compute device, measures its exact
+Frobenius norm, factors it (randomized SVD by default, exact with `exact_svd`), and measures the
+error of the factors *as they will be stored* (after the optional clamp and the cast to the save
+dtype), so the report's retained energy is the truth about the file, not an estimate from a
+truncated spectrum.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from library import lowrank
+from library.extract_pairs import CheckpointPair
+
+ROLES = ("lowrank", "diff", "diff_b")
+
+
+@dataclass
+class ExtractOptions:
+    lora_type: str = "standard"  # "standard": low-rank pairs; "full_diff": every weight as `diff`
+    dim: int = 4  # rank of Linear and 1×1 conv layers (cap for the dynamic methods)
+    conv_dim: int | None = None  # rank of k×k convs; None = not extracted (sd-scripts' behaviour)
+    dynamic_method: str | None = None  # sv_ratio | sv_fro | sv_cumulative (resize_lora's rules)
+    dynamic_param: float | None = None
+    bias_diff: bool = False  # also store bias (`diff_b`) and 1-D weight (`diff`) differences
+    min_diff: float = 0.0  # skip a layer whose largest |ΔW| is below this
+    exact_svd: bool = False
+    svd_iters: int = 2  # power iterations of the randomized SVD
+    oversample: int | None = None  # extra sketch columns; None = the rank itself (p = k)
+    clamp_quantile: float | None = None  # sd-scripts' clamp, off unless asked for
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    load_dtype: torch.dtype | None = None  # cast both weights to this before subtracting (sd-scripts' --load_precision)
+    save_dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+
+@dataclass
+class LayerTask:
+    """One unit of work: a checkpoint key (optionally a row slice of it) and what to make of it."""
+
+    key: str
+    role: str
+    shape: tuple[int, ...]
+    name: str  # output module name (naming is decided by the caller)
+    rank: int | None = None  # requested rank for "lowrank"
+    rows: tuple[int, int] | None = None  # row slice of a fused weight
+    target: object | None = None  # the canonical target when a model family is known
+
+
+@dataclass
+class LayerResult:
+    task: LayerTask
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # kohya suffix -> tensor (save dtype, CPU)
+    rank: int | None = None
+    norm: float = 0.0
+    error: float = 0.0
+    max_abs: float = 0.0
+    skipped: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def relative_error(self) -> float:
+        return self.error / self.norm if self.norm > 0 else 0.0
+
+    @property
+    def retained_energy(self) -> float:
+        return 1.0 - self.relative_error**2 if self.norm > 0 else 1.0
+
+
+def classify(key: str, shape: tuple[int, ...], dtype: torch.dtype, options: ExtractOptions) -> tuple[str | None, str]:
+    """(role, reason) for one checkpoint key; role None means skipped for `reason`."""
+    if not dtype.is_floating_point:
+        return None, f"not a floating-point tensor ({dtype})"
+    # `_weight`/`_bias` too: fused OpenCLIP `in_proj_weight` / `in_proj_bias` are weights and biases.
+    if key.endswith((".bias", "_bias")):
+        return ("diff_b", "") if options.bias_diff else (None, "bias (stored only with --bias_diff)")
+    if not key.endswith((".weight", "_weight")):
+        return None, "not a weight or bias tensor"
+    if options.lora_type == "full_diff":
+        if len(shape) < 2 and not options.bias_diff:
+            return None, "1-D weight (stored only with --bias_diff)"
+        return "diff", ""
+    if len(shape) == 1:
+        return ("diff", "") if options.bias_diff else (None, "1-D (norm) weight (stored only with --bias_diff)")
+    if len(shape) == 2:
+        return "lowrank", ""
+    if len(shape) == 4:
+        if tuple(shape[2:]) == (1, 1):
+            return "lowrank", ""
+        if options.conv_dim is None:
+            return None, f"{shape[2]}x{shape[3]} conv (extracted only with --conv_dim)"
+        return "lowrank", ""
+    return None, f"{len(shape)}-D weight has no LoRA form (use --lora_type full_diff)"
+
+
+def requested_rank(shape: tuple[int, ...], options: ExtractOptions) -> int:
+    """--conv_dim for k×k convs, --dim for everything else, never above the matrix's own rank."""
+    spatial = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+    want = options.conv_dim if spatial else options.dim
+    cols = math.prod(shape[1:])
+    return max(1, min(int(want), shape[0], cols))
+
+
+def plan_layers(pair: CheckpointPair, keys: Iterable[str], options: ExtractOptions,
+                targets_of: Callable[[str], list[tuple[str, tuple[int, int] | None, object | None]]],
+                ) -> tuple[list[LayerTask], list[tuple[str, str]]]:
+    """Tasks for the keys that become part of the LoRA, and (key, reason) for the others.
+
+    `targets_of(key)` gives the output module(s) of a key as (name, rows, target): one for a plain
+    weight, several for a fused weight that the output format splits (e.g. q/k/v rows of `in_proj_weight`).
+    """
+    tasks: list[LayerTask] = []
+    skipped: list[tuple[str, str]] = []
+    for key in keys:
+        full_shape = pair.shape(key)
+        for name, rows, target in targets_of(key):
+            shape = full_shape if rows is None else (rows[1] - rows[0], *full_shape[1:])
+            role, reason = classify(key, shape, pair.dtype(key), options)
+            if role is None:
+                skipped.append((key, reason))
+                continue
+            rank = requested_rank(shape, options) if role == "lowrank" else None
+            tasks.append(LayerTask(key=key, role=role, shape=shape, name=name, rank=rank, rows=rows, target=target))
+    return tasks, skipped
+
+
+def difference(base: torch.Tensor, tuned: torch.Tensor, options: ExtractOptions) -> torch.Tensor:
+    """tuned − base in float32 on the compute device (after --load_precision's cast, as sd-scripts does)."""
+    if options.load_dtype is not None:
+        base, tuned = base.to(options.load_dtype), tuned.to(options.load_dtype)
+    delta = tuned.to(options.device, torch.float32)
+    delta -= base.to(options.device, torch.float32)
+    return delta
+
+
+def seed_for(key: str, seed: int) -> int:
+    """A per-layer seed from (seed, key), so a layer's sketch does not depend on which other layers run."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def extract_layer(task: LayerTask, base: torch.Tensor, tuned: torch.Tensor, options: ExtractOptions) -> LayerResult:
+    start = time.perf_counter()
+    result = LayerResult(task)
+    delta = difference(base, tuned, options)
+    if task.rows is not None:
+        delta = delta[task.rows[0]:task.rows[1]]
+    del base, tuned
+    result.norm = float(delta.double().norm()) if delta.numel() else 0.0
+    result.max_abs = float(delta.abs().max()) if delta.numel() else 0.0
+    if result.norm == 0.0:
+        result.skipped = "no difference"
+    elif result.max_abs < options.min_diff:
+        result.skipped = f"largest |difference| {result.max_abs:.3g} is below --min_diff {options.min_diff:g}"
+    elif task.role == "lowrank":
+        _low_rank(task, delta, options, result)
+    else:
+        stored = delta.to(options.save_dtype)
+        result.error = float((stored.float() - delta).double().norm())
+        result.tensors = {task.role: stored.cpu()}
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _low_rank(task: LayerTask, delta: torch.Tensor, options: ExtractOptions, result: LayerResult) -> None:
+    shape = tuple(delta.shape)
+    matrix = delta.reshape(shape[0], -1)
+    cap = task.rank
+    generator = torch.Generator(device=matrix.device).manual_seed(seed_for(task.key, options.seed))
+    if options.exact_svd:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    else:
+        u, s, vh = lowrank.randomized_svd(matrix, cap, oversample=options.oversample or cap, n_iter=options.svd_iters,
+                                          generator=generator)
+    if options.dynamic_method:
+        rank = lowrank.select_rank(s, options.dynamic_method, options.dynamic_param, max_rank=cap,
+                                   total_energy=result.norm**2)
+    else:
+        rank = min(cap, int(s.numel()))
+    up, down, alpha = lowrank.svd_to_lora(u[:, :rank], s[:rank], vh[:rank], shape)
+    if options.clamp_quantile is not None:
+        up, down = lowrank.clamp_quantile(up, down, options.clamp_quantile)
+    up, down = up.to(options.save_dtype), down.to(options.save_dtype)
+    # The error of what is stored: ΔW − scale·up@down, formed in place in the ΔW buffer (no second copy).
+    scale = alpha / rank
+    matrix.addmm_(up.float().reshape(shape[0], rank), down.float().reshape(rank, -1), alpha=-scale)
+    result.error = float(matrix.double().norm())
+    result.rank = rank
+    result.tensors = {"lora_down.weight": down.cpu(), "lora_up.weight": up.cpu(),
+                      "alpha": torch.tensor(float(alpha), dtype=options.save_dtype)}
+
+
+def run_extraction(pair: CheckpointPair, tasks: list[LayerTask], options: ExtractOptions,
+                   progress: Callable[[Iterable, int], Iterable] | None = None) -> list[LayerResult]:
+    """Run every task, reading each key's pair once (fused keys with several row slices share one read)."""
+    by_key: dict[str, list[LayerTask]] = {}
+    for task in tasks:
+        by_key.setdefault(task.key, []).append(task)
+    keys = list(by_key)
+    iterator = pair.pairs(keys)
+    if progress is not None:
+        iterator = progress(iterator, len(keys))
+    results: list[LayerResult] = []
+    for key, base, tuned in iterator:
+        for task in by_key[key]:
+            results.append(extract_layer(task, base, tuned, options))
+        del base, tuned
+    return results

@@ -1,0 +1,142 @@
+"""Naming and metadata of an extracted LoRA: which keys get a module, what it is called, what goes in the header.
+
+Generic naming (`--format peft|comfy`, or any model of no known family) names modules after the
+checkpoint keys (`library/extract_naming.py`). Family naming (kohya, diffusers, ai-toolkit, comfy for
+SD1/SD2/SDXL/Flux) asks `library.formats` for the canonical target of each checkpoint key and writes
+the modules through its writers, so extracted files use exactly the names our converter reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+import torch
+
+from library.errors import LoraToolsError
+from library.extract import ExtractOptions, LayerResult
+from library.extract_naming import GENERIC_STYLES, generic_tensors, module_name, peft_adapter_metadata
+from library.extract_pairs import CheckpointPair
+from library.metadata import lora_metadata, minimal_metadata, provenance
+
+FAMILY_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
+OUTPUT_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy", "peft")
+SCRIPT = "extract_lora_from_models.py"
+
+
+class GenericNaming:
+    """Modules named after checkpoint keys: `prefix_lora` + key after `prefix_model`, minus `.weight`/`.bias`."""
+
+    family = None
+
+    def __init__(self, style: str, prefix_model: str = "", prefix_lora: str | None = None):
+        if style not in GENERIC_STYLES:
+            raise ValueError(style)
+        self.style = style
+        self.prefix_model = prefix_model
+        self.prefix_lora = prefix_model if prefix_lora is None else prefix_lora
+
+    def accepts(self, key: str) -> bool:
+        # Only `.weight`/`.bias` keys have a module to patch (ComfyUI's rule); `in_proj_weight`-style fused
+        # tensors need a family's table to be split, so they stay out of generic files.
+        return key.endswith((".weight", ".bias"))
+
+    def rejected(self, keys: Sequence[str]) -> list[tuple[str, str]]:
+        return [(k, "not a .weight or .bias tensor (generic naming)") for k in keys if not self.accepts(k)]
+
+    def targets_of(self, key: str) -> list[tuple[str, tuple[int, int] | None, object | None]]:
+        return [(module_name(key, self.prefix_model, self.prefix_lora), None, None)]
+
+    def describe(self) -> str:
+        return f"generic {self.style} naming"
+
+    def tensors(self, results: Sequence[LayerResult]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        out: dict[str, torch.Tensor] = {}
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for result in results:
+            by_module.setdefault(result.task.name, {}).update(result.tensors)
+        for name, tensors in by_module.items():
+            for key, tensor in generic_tensors(name, tensors, self.style).items():
+                if key in out:
+                    raise LoraToolsError("two checkpoint keys give the same output name; choose other prefixes", key=key)
+                out[key] = tensor
+        extra: dict[str, str] = {}
+        if self.style == "peft":
+            low = [r for r in results if r.rank is not None]
+            extra = peft_adapter_metadata({r.task.name: r.rank for r in low},
+                                          {r.task.name: float(r.tensors["alpha"]) for r in low})
+        return out, extra
+
+
+def choose_naming(pair: CheckpointPair, args: argparse.Namespace):
+    """Generic naming for --format peft (and comfy with explicit prefixes or no family); else the family's."""
+    fmt = args.format
+    family = _detect_family(pair, args)
+    if fmt == "peft" or (family is None and fmt in (None, "comfy")):
+        if family is None and fmt is None:
+            print("no known model family detected: writing generic PEFT-style names (lora_A/lora_B)")
+        return GenericNaming(fmt or "peft", args.prefix_model, args.prefix_lora)
+    if fmt == "comfy" and args.prefix_lora is not None:
+        return GenericNaming("comfy", args.prefix_model, args.prefix_lora)
+    if family is None:
+        raise LoraToolsError(f"--format {fmt} needs a known model family, and none was detected; use --format peft "
+                             "or comfy, or name it with --family", file=pair.base_path)
+    from library.extract_family import FamilyNaming
+
+    return FamilyNaming(pair, family, fmt or "kohya")
+
+
+def _detect_family(pair: CheckpointPair, args: argparse.Namespace) -> str | None:
+    """The family of both checkpoints (they must agree), checked against --v2 / --sdxl / --family."""
+    try:
+        from library.formats import detect_checkpoint_family
+    except ImportError:
+        detect_checkpoint_family = None
+    if args.family:
+        return args.family
+    if detect_checkpoint_family is None:
+        return None
+    base = _detect_one(detect_checkpoint_family, pair.base, pair.base_path)
+    tuned = _detect_one(detect_checkpoint_family, pair.tuned, pair.tuned_path)
+    if base != tuned:
+        raise LoraToolsError(f"the base model is {base or 'of no known family'} but the tuned model is "
+                             f"{tuned or 'of no known family'}; extraction needs two checkpoints of the same model",
+                             file=pair.tuned_path)
+    expected = "sdxl" if getattr(args, "sdxl", False) else "sd2" if getattr(args, "v2", False) else None
+    if expected and base != expected:
+        raise LoraToolsError(f"--{'sdxl' if expected == 'sdxl' else 'v2'} was given but the checkpoint is "
+                             f"{base or 'of no known family'}", file=pair.base_path)
+    return base
+
+
+def _detect_one(detect, reader, path: str) -> str | None:
+    try:
+        return detect(reader)
+    except LoraToolsError as exc:
+        if "ambiguous" in str(exc).lower():
+            raise
+        return None
+
+
+def output_tensors_and_metadata(results: Sequence[LayerResult], naming, options: ExtractOptions,
+                                args: argparse.Namespace, save_to: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, extra = naming.tensors(results)
+    low = [r for r in results if r.rank is not None]
+    network_args = {}
+    if options.conv_dim is not None:
+        network_args = {"conv_dim": str(options.conv_dim), "conv_alpha": str(options.conv_dim)}
+    extra = dict(extra, ss_network_args=json.dumps(network_args))
+    if options.lora_type == "full_diff" or not low:
+        extra["ss_network_module"] = "lycoris.kohya"
+        extra["ss_network_args"] = json.dumps({"algo": "full"})
+    meta = lora_metadata(None, family=naming.family, ranks=[r.rank for r in low] or [0],
+                         alphas=[float(r.tensors["alpha"]) for r in low] or [0],
+                         save_to=save_to, network_module=extra.pop("ss_network_module", None), extra=extra)
+    if getattr(args, "v_parameterization", False) and naming.family == "sd2":
+        meta["ss_base_model_version"] = "sd_v2_v"
+        meta["ss_v2"] = "True"
+    if args.no_metadata:
+        return tensors, minimal_metadata(meta)
+    meta.update(provenance(SCRIPT, args, [args.model_org, args.model_tuned], seed=args.seed))
+    return tensors, meta

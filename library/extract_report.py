@@ -1,0 +1,107 @@
+"""What an extraction did, per layer and in sum, as plain data (printed with -v, written with --report)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+from library.extract import LayerResult
+
+
+def layer_entry(result: LayerResult) -> dict:
+    task = result.task
+    entry = {
+        "key": task.key,
+        "module": task.name,
+        "role": task.role,
+        "shape": list(task.shape),
+        "norm": result.norm,
+        "max_abs_diff": result.max_abs,
+        "seconds": round(result.seconds, 4),
+    }
+    if task.rows is not None:
+        entry["rows"] = list(task.rows)
+    if result.skipped:
+        entry["skipped"] = result.skipped
+        return entry
+    if result.rank is not None:
+        entry["rank"] = result.rank
+    entry["relative_error"] = result.relative_error
+    entry["retained_energy"] = result.retained_energy
+    return entry
+
+
+def build_report(results: Sequence[LayerResult], skipped: Sequence[tuple[str, str]], *, only_base: Sequence[str] = (),
+                 only_tuned: Sequence[str] = (), settings: dict | None = None) -> dict:
+    done = [r for r in results if not r.skipped]
+    low = [r for r in done if r.task.role == "lowrank"]
+    total_sq = sum(r.norm**2 for r in low)
+    error_sq = sum(r.error**2 for r in low)
+    summary = {
+        "layers_extracted": len(done),
+        "low_rank_layers": len(low),
+        "full_diff_tensors": len(done) - len(low),
+        "layers_without_difference": sum(1 for r in results if r.skipped == "no difference"),
+        "layers_below_min_diff": sum(1 for r in results if r.skipped and "min_diff" in r.skipped),
+        "keys_not_extracted": len(skipped),
+        "keys_only_in_base": len(only_base),
+        "keys_only_in_tuned": len(only_tuned),
+        "seconds": round(sum(r.seconds for r in results), 3),
+    }
+    if low:
+        retained = [r.retained_energy for r in low]
+        summary.update({
+            "mean_retained_energy": sum(retained) / len(retained),
+            "min_retained_energy": min(retained),
+            # Energy-weighted over all low-rank layers: ‖ΔW − LoRA‖² / ‖ΔW‖² summed over layers.
+            "overall_relative_error": math.sqrt(error_sq / total_sq) if total_sq > 0 else 0.0,
+            "ranks": sorted({r.rank for r in low}),
+        })
+    return {
+        "settings": settings or {},
+        "summary": summary,
+        "layers": [layer_entry(r) for r in results],
+        "not_extracted": [{"key": k, "reason": why} for k, why in skipped],
+        "only_in_base": list(only_base),
+        "only_in_tuned": list(only_tuned),
+    }
+
+
+def format_layer(entry: dict) -> str:
+    head = f"{entry['module']:<70} {'x'.join(map(str, entry['shape'])):>16}"
+    if "skipped" in entry:
+        return f"{head}  skipped: {entry['skipped']}"
+    if entry["role"] == "lowrank":
+        return (f"{head}  rank {entry['rank']:>4}  retained {entry['retained_energy']:.4%}  "
+                f"rel.err {entry['relative_error']:.4g}")
+    return f"{head}  {entry['role']} (rel.err of stored dtype {entry['relative_error']:.2g})"
+
+
+def format_summary(report: dict) -> list[str]:
+    s = report["summary"]
+    lines = [f"extracted {s['layers_extracted']} layers ({s['low_rank_layers']} low-rank, "
+             f"{s['full_diff_tensors']} full differences) in {s['seconds']:.1f} s"]
+    if s["low_rank_layers"]:
+        lines.append(f"retained energy: mean {s['mean_retained_energy']:.4%}, min {s['min_retained_energy']:.4%}; "
+                     f"overall relative error {s['overall_relative_error']:.4g}; ranks {s['ranks']}")
+    if s["layers_without_difference"]:
+        lines.append(f"note: {s['layers_without_difference']} layers have no difference and were skipped")
+    if s["layers_below_min_diff"]:
+        names = [e["key"] for e in report["layers"] if "min_diff" in e.get("skipped", "")]
+        lines.append(f"{len(names)} layers below --min_diff (applied per layer) were skipped: "
+                     + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
+    if s["keys_not_extracted"]:
+        reasons: dict[str, int] = {}
+        for item in report["not_extracted"]:
+            reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+        lines.append("not extracted: " + "; ".join(f"{n} × {why}" for why, n in sorted(reasons.items())))
+    if s["keys_only_in_base"] or s["keys_only_in_tuned"]:
+        lines.append(f"keys in one file only: {s['keys_only_in_base']} in the base, {s['keys_only_in_tuned']} in the "
+                     "tuned model (listed in --report)")
+    return lines
+
+
+def write_report(path: str, report: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, default=str)
