@@ -246,3 +246,20 @@ def test_metadata_dry_run_and_clamp(tmp_path, capsys):
     assert e_plain <= 1.01 * optimal_error(diffs[key], 4) < e_clamp
     _, _, minimal = run(tmp_path, base, tuned, "--dim", "4", "--no_metadata", *COMFY, out="min.safetensors")
     assert "loratools.inputs" not in minimal and minimal["ss_network_dim"] == "4"
+
+
+def test_dynamic_rank_sv_fro_capped_by_dim(tmp_path):
+    key = ATTN + "attn1.to_q.weight"
+    base, tuned, diffs = make_pair(tmp_path, {key: (48, 40)}, rank=12)
+    s = torch.linalg.svdvals(diffs[key])
+    energy = torch.cumsum(s.square(), 0) / s.square().sum()
+    expected = int((energy < 0.9**2).sum()) + 1  # fewest leading σ keeping 90 % of the Frobenius norm
+    assert 1 < expected < 12
+    report, _, meta = run(tmp_path, base, tuned, "--dim", "16", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9",
+                          *COMFY)
+    entry = report["layers"][0]
+    assert entry["rank"] == expected
+    assert entry["retained_energy"] >= 0.81 - 1e-6
+    report, _, _ = run(tmp_path, base, tuned, "--dim", "2", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9",
+                       *COMFY, out="capped.safetensors")
+    assert report["layers"][0]["rank"] == 2
