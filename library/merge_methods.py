@@ -9,30 +9,52 @@ Each method takes the tensors tᵢ and weights wᵢ and returns one tensor:
   dare_linear      drop each element with probability 1 − density and rescale the rest by 1/density
                    (PEFT before #3152 and Power-Merge v1 skipped the rescale; we do not), then Σ wᵢ tᵢ
   dare_ties        DARE drop-and-rescale, then the TIES sign election and disjoint mean
-Random masks come from a generator seeded by (seed, target name), so a result does not depend on the
-order of layers, the device, or how many other layers were merged in the same run.
+These are PEFT's `peft.utils.merge_utils` functions (and Power-Merge's, which copies them) with one
+difference: DARE's random mask for tensor i comes from a generator seeded by (seed, target name, i), so
+a result does not depend on the order of layers, the device, or how many other layers or files were
+merged in the same run.
+
+`merge_tensors` applies a method to dense tensors (full deltas: svd_merge_lora's delta-space modes).
+`merge_factors` applies it to the lists of ups and of downs separately, as ComfyUI Power-Merge's
+LoRA Merger and PEFT's non-SVD `add_weighted_adapter` do (merge_lora's factor-space `--mode`): an
+approximation with cross terms, kept for compatibility.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from library.errors import LoraToolsError
 
 SIGN_METHODS = ("total", "frequency")
 
 
-def generator_for(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator whose stream depends only on (seed, name): stable across runs, orders and devices."""
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def generator_for(seed: int, name: str) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, name): stable across runs, orders and devices.
+
+    sha256 rather than Python's hash(), which is salted per process.
+    """
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    # Masks are always drawn on the CPU so the same seed gives the same mask on CUDA too.
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+def dare_mask(shape: Sequence[int], density: float, seed: int, name: str) -> torch.Tensor:
+    """Keep-mask (True = kept, probability `density`) for one tensor, drawn on the CPU so every device agrees."""
+    return torch.rand(tuple(shape), generator=generator_for(seed, name)) < density
+
+
 def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the `int(density·numel)` largest |values| (PEFT's rule for k)."""
+    """Boolean mask of the `int(density·numel)` largest |values| (PEFT's rule for k; density ≥ 1 keeps all)."""
+    if density >= 1:
+        return torch.ones_like(tensor, dtype=torch.bool)
     k = int(density * tensor.numel())
     mask = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
     if k > 0:
@@ -40,22 +62,19 @@ def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
     return mask.reshape(tensor.shape)
 
 
-def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(shape, generator=generator) < density
-
-
 def majority_sign(stacked: torch.Tensor, method: str) -> torch.Tensor:
+    """Elected sign per element (+1 on a tie, as PEFT): `total` = sign of Σ tᵢ, `frequency` = sign of Σ sign(tᵢ)."""
     if method == "total":
         summed = stacked.sum(dim=0)
     elif method == "frequency":
         summed = stacked.sign().sum(dim=0)
     else:
-        raise ValueError(f"majority sign method must be one of {SIGN_METHODS}, not {method!r}")
+        raise LoraToolsError(f"majority sign method must be one of {', '.join(SIGN_METHODS)}, not {method!r}")
     return torch.where(summed >= 0, 1.0, -1.0).to(stacked.dtype)
 
 
 def disjoint_mean(weighted: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
-    """Σ of the agreeing entries / number of agreeing tasks (at least 1)."""
+    """Σ of the agreeing entries / number of agreeing tasks (at least 1). Zeros never agree."""
     total = (weighted * agree).sum(dim=0)
     count = agree.sum(dim=0).clamp_min(1)
     return total / count
@@ -63,16 +82,36 @@ def disjoint_mean(weighted: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MergeContext:
-    """What a method may need besides the tensors: density, sign rule, and the random stream."""
+    """What a method may need besides the tensors.
+
+    `name` identifies the target (e.g. the canonical weight key) for DARE's seeding; `masks` overrides
+    the DARE keep-masks (one per tensor), which lets tests compare against an outside implementation.
+    """
 
     density: float = 1.0
     sign_method: str = "total"
     seed: int = 0
     name: str = ""
+    masks: Sequence[torch.Tensor] | None = field(default=None, repr=False)
 
 
 def _weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    return torch.stack([t * w for t, w in zip(tensors, weights)])
+    return torch.stack([t * float(w) for t, w in zip(tensors, weights)])
+
+
+def _dare(tensors: Sequence[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor]:
+    if ctx.density <= 0:
+        raise LoraToolsError(f"DARE needs a density above 0, got {ctx.density}", key=ctx.name or None)
+    if ctx.density >= 1:
+        return list(tensors)
+    masks = ctx.masks
+    if masks is None:
+        masks = [dare_mask(t.shape, ctx.density, ctx.seed, f"{ctx.name}:{i}") for i, t in enumerate(tensors)]
+    return [t * m.to(t.device, torch.bool) / ctx.density for t, m in zip(tensors, masks)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Methods
 
 
 def merge_add(tensors, weights, ctx: MergeContext) -> torch.Tensor:
@@ -86,16 +125,8 @@ def merge_magnitude_prune(tensors, weights, ctx: MergeContext) -> torch.Tensor:
 
 def merge_ties(tensors, weights, ctx: MergeContext) -> torch.Tensor:
     pruned = torch.stack([t * magnitude_mask(t, ctx.density) for t in tensors])
-    sign = majority_sign(pruned, ctx.sign_method)
-    weighted = _weighted(list(pruned), weights)
-    return disjoint_mean(weighted, pruned.sign() == sign)
-
-
-def _dare(tensors, ctx: MergeContext) -> list[torch.Tensor]:
-    if ctx.density <= 0:
-        raise ValueError("DARE needs a density above 0")
-    generator = generator_for(ctx.seed, ctx.name)
-    return [t * dare_mask(t.shape, ctx.density, generator).to(t.device) / ctx.density for t in tensors]
+    sign = majority_sign(pruned, ctx.sign_method)  # elected on the unweighted tensors, as PEFT
+    return disjoint_mean(_weighted(list(pruned), weights), pruned.sign() == sign)
 
 
 def merge_dare_linear(tensors, weights, ctx: MergeContext) -> torch.Tensor:
@@ -109,27 +140,100 @@ def merge_dare_ties(tensors, weights, ctx: MergeContext) -> torch.Tensor:
 
 
 MergeFn = Callable[[Sequence[torch.Tensor], Sequence[float], MergeContext], torch.Tensor]
-METHODS: dict[str, MergeFn] = {
-    "add": merge_add,
-    "ties": merge_ties,
-    "dare_linear": merge_dare_linear,
-    "dare_ties": merge_dare_ties,
-    "magnitude_prune": merge_magnitude_prune,
-}
-USES_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}
-USES_SIGN = {"ties", "dare_ties"}
 
 
-def resolve_method(name: str) -> str:
-    """Canonical method name; Power-Merge's `add_svd`, `ties_svd`, ... are accepted as aliases."""
-    base = name[:-4] if name.endswith("_svd") else name
-    if base not in METHODS:
-        raise ValueError(f"unknown merge mode {name!r}; use one of {', '.join(METHODS)}")
-    return base
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: its function, the parameters it reads from MergeContext, and its other names."""
+
+    name: str
+    fn: MergeFn
+    params: tuple[str, ...]
+    aliases: tuple[str, ...]
+    random: bool
+    summary: str
+
+
+def _register(*methods: MergeMethod) -> dict[str, MergeMethod]:
+    table: dict[str, MergeMethod] = {}
+    for method in methods:
+        for label in (method.name, *method.aliases):
+            table[label] = method
+    return table
+
+
+METHODS: dict[str, MergeMethod] = _register(
+    MergeMethod("add", merge_add, (), ("add_svd", "linear", "task_arithmetic", "svd"), False,
+                "weighted sum Σ wᵢ tᵢ"),
+    MergeMethod("ties", merge_ties, ("density", "sign_method"), ("ties_svd",), False,
+                "top-density magnitudes, elected sign, mean of agreeing entries"),
+    MergeMethod("dare_linear", merge_dare_linear, ("density", "seed"), ("dare_linear_svd",), True,
+                "random drop (keep = density), rescale by 1/density, weighted sum"),
+    MergeMethod("dare_ties", merge_dare_ties, ("density", "sign_method", "seed"), ("dare_ties_svd",), True,
+                "random drop and rescale, elected sign, mean of agreeing entries"),
+    MergeMethod("magnitude_prune", merge_magnitude_prune, ("density",), ("magnitude_prune_svd",), False,
+                "top-density magnitudes per tensor, weighted sum"),
+)
+METHOD_NAMES = ("add", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method registered as `name` (Power-Merge's `add_svd`, `ties_svd`, … and PEFT's names are aliases)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise LoraToolsError(f"unknown merge mode {name!r}; use one of {', '.join(sorted(METHODS))}") from None
+
+
+def check_context(method: MergeMethod, ctx: MergeContext) -> None:
+    if "density" in method.params and not 0 <= ctx.density <= 1:
+        raise LoraToolsError(f"--density must be in [0, 1], got {ctx.density}")
+    if "sign_method" in method.params and ctx.sign_method not in SIGN_METHODS:
+        raise LoraToolsError(f"majority sign method must be one of {', '.join(SIGN_METHODS)}, not {ctx.sign_method!r}")
 
 
 def merge_tensors(method: str, tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                  ctx: MergeContext) -> torch.Tensor:
-    if not 0 <= ctx.density <= 1:
-        raise ValueError(f"density must be in [0, 1], got {ctx.density}")
-    return METHODS[resolve_method(method)](tensors, weights, ctx)
+                  ctx: MergeContext | None = None) -> torch.Tensor:
+    """Merge same-shaped dense tensors (e.g. full deltas of one target) with the named method."""
+    ctx = ctx or MergeContext()
+    spec = get_method(method)
+    check_context(spec, ctx)
+    if len(tensors) != len(weights) or not tensors:
+        raise LoraToolsError(f"{len(tensors)} tensors but {len(weights)} weights", key=ctx.name or None)
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise LoraToolsError(f"cannot merge tensors of different shapes {sorted(shapes)}", key=ctx.name or None)
+    return spec.fn(tensors, weights, ctx)
+
+
+def factor_weights(weights: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Per-factor weights (up, down) so that one LoRA merged alone keeps its strength w exactly.
+
+    √|w| on both factors and the sign on the down (PEFT's rule since #2918): the product of the two
+    weights is w, including negative w, where Power-Merge v1 multiplies both factors by w (w²).
+    """
+    ups = [abs(float(w)) ** 0.5 for w in weights]
+    downs = [(1.0 if w >= 0 else -1.0) * abs(float(w)) ** 0.5 for w in weights]
+    return ups, downs
+
+
+def merge_factors(method: str, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor], weights: Sequence[float],
+                  ctx: MergeContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factor-space merge: the method applied to the ups and to the downs separately (equal ranks required).
+
+    Power-Merge's and PEFT's non-SVD modes: the product of the merged factors has cross terms upᵢ·downⱼ,
+    so it approximates Σ wᵢ upᵢ·downᵢ only; svd_merge_lora's delta-space modes are the exact ones.
+    Masks and sign elections are independent for the two sides; DARE seeds them from
+    "<name>.lora_up" and "<name>.lora_down". Scales (alpha/rank) must already be folded into the factors.
+    """
+    ctx = ctx or MergeContext()
+    if ctx.masks is not None:
+        raise LoraToolsError("explicit masks are per dense tensor; merge_factors draws its own", key=ctx.name or None)
+    ranks = {int(u.shape[1]) for u in ups} | {int(d.shape[0]) for d in downs}
+    if len(ranks) > 1:
+        raise LoraToolsError(f"factor-space merging needs equal ranks, got {sorted(ranks)}; use svd_merge_lora.py",
+                             key=ctx.name or None)
+    up_w, down_w = factor_weights(weights)
+    up_ctx = MergeContext(ctx.density, ctx.sign_method, ctx.seed, f"{ctx.name}.lora_up")
+    down_ctx = MergeContext(ctx.density, ctx.sign_method, ctx.seed, f"{ctx.name}.lora_down")
+    return merge_tensors(method, ups, up_w, up_ctx), merge_tensors(method, downs, down_w, down_ctx)
