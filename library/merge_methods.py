@@ -37,13 +37,15 @@ SIGN_METHODS = ("total", "frequency")
 # Building blocks
 
 
-def generator_for(seed: int, name: str) -> torch.Generator:
-    """A CPU generator whose stream depends only on (seed, name): stable across runs, orders and devices.
-
-    sha256 rather than Python's hash(), which is salted per process.
-    """
+def stable_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from (seed, name) by sha256 (Python's hash() is salted per process)."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator_for(seed: int, name: str) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, name): stable across runs, orders and devices."""
+    return torch.Generator(device="cpu").manual_seed(stable_seed(seed, name))
 
 
 def dare_mask(shape: Sequence[int], density: float, seed: int, name: str) -> torch.Tensor:
