@@ -190,19 +190,24 @@ def relative_error(total_energy: torch.Tensor | float, kept: torch.Tensor) -> to
     return torch.where(total > 0, (resid / total.clamp_min(1e-300)).sqrt(), torch.zeros_like(total))
 
 
-def retained(S: torch.Tensor, rank: int, *, total_energy: float | None = None) -> dict[str, float]:
+def retained(S: torch.Tensor, rank: int, *, total_energy: float | None = None,
+             error_sq: float | None = None) -> dict[str, float]:
     """Per-layer figures for keeping the first `rank` of the singular values `S` (1-D, descending).
 
     fro_retained = ‖M_k‖_F/‖M‖_F and rel_error = ‖M − M_k‖_F/‖M‖_F against `total_energy` = ‖M‖_F² (exact,
     from the caller; defaults to Σσ² of S when S is the full spectrum); sum_retained = Σσ_{≤k}/Σσ over S
     (sd-scripts' "sum(S) retained"); max_sv_ratio = σ₀/σ_{k−1} (inf when σ_{k−1} = 0). An all-zero layer
-    retains everything with no error.
+    retains everything with no error. `error_sq` = ‖M − M_k‖² when the caller knows it more accurately
+    (the tail Σσ²_{>k} of a full spectrum, or a measured residual): total − kept cancels badly near full rank.
     """
     S = S.detach().double().cpu().reshape(-1)
     rank = max(0, min(int(rank), S.numel()))
     total = float(S.square().sum()) if total_energy is None else float(total_energy)
     kept = S[:rank]
-    err = float(relative_error(total, kept))
+    if error_sq is None:
+        err = float(relative_error(total, kept))
+    else:
+        err = (max(0.0, float(error_sq)) / total) ** 0.5 if total > 0 else 0.0
     if total > 0:
         fro = min(1.0, float(kept.square().sum()) / total) ** 0.5
     else:
