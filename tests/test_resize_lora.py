@@ -201,6 +201,23 @@ def test_lokr_conv_becomes_a_plain_locon():
     assert float((dense - got).norm()) <= 1.02 * float(S[10:].norm())
 
 
+def test_tucker_locon_becomes_a_plain_locon():
+    g = gen(12)
+    down, mid = torch.randn(6, 16, 1, 1, generator=g), torch.randn(6, 6, 3, 3, generator=g)
+    up = torch.randn(24, 6, 1, 1, generator=g)
+    tensors = {"lora_down.weight": down, "lora_mid.weight": mid, "lora_up.weight": up, "alpha": torch.tensor(3.0)}
+    # ΔW[o,i,h,w] = (α/r)·Σ_ab up[o,a]·mid[a,b,h,w]·down[b,i]
+    dense = 0.5 * torch.einsum("oa,abhw,bi->oihw", up.double()[:, :, 0, 0], mid.double(), down.double()[:, :, 0, 0])
+    dense = dense.reshape(24, -1)
+    result = run([job(CONV, tensors, (24, 16, 3, 3))], new_rank=4)[CONV]
+    out = result.tensors
+    assert out["lora_down.weight"].shape == (4, 16, 3, 3) and "lora_mid.weight" not in out
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    up_k, down_k = out["lora_up.weight"].reshape(24, 4).double(), out["lora_down.weight"].reshape(4, -1).double()
+    got = float(out["alpha"]) / 4 * up_k @ down_k
+    assert float((got - (U[:, :4] * S[:4]) @ Vh[:4]).norm() / dense.norm()) < 1e-5
+
+
 def test_dora_needs_the_base_weight():
     tensors = lora_tensors(64, 64, 4, 4, 10)
     tensors["dora_scale"] = torch.rand(64, 1) + 0.5
@@ -238,3 +255,104 @@ def test_new_conv_rank_applies_to_kxk_convs_only():
     results = run(jobs, new_rank=2, new_conv_rank=5)
     assert results[LINEAR].report["new_rank"] == 2 and results[CONV].report["new_rank"] == 5
     assert math.isclose(float(results[CONV].tensors["alpha"]), 4 / 8 * 5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resize_lora.py end to end (needs library/formats' read_lora/save_lora)
+
+SDXL_FILE_MODULES = {  # real kohya names and full SDXL shapes, small ranks
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640),
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2": (640, 2560),
+    "lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_k": (1280, 2048),
+    "lora_unet_input_blocks_1_0_in_layers_2": (320, 320, 3, 3),
+}
+
+
+def formats_or_skip():
+    formats = pytest.importorskip("library.formats")
+    if not hasattr(formats, "read_lora") or not hasattr(formats, "save_lora"):
+        pytest.skip("library/formats has no read_lora/save_lora yet")
+    return formats
+
+
+def write_sdxl_lora(path, dtype=torch.float16):
+    from library.safetensors_io import save_tensors
+
+    tensors = {}
+    for i, (name, shape) in enumerate(SDXL_FILE_MODULES.items()):
+        t = lora_tensors(shape[0], shape[1], 8, 4, 20 + i, kernel=shape[2:] or None, dtype=dtype)
+        for suffix, value in t.items():
+            tensors[f"{name}.{suffix}"] = value.to(dtype)
+    save_tensors(str(path), tensors, {"ss_network_dim": "8", "ss_network_alpha": "4", "ss_training_comment": "hi",
+                                      "ss_base_model_version": "sdxl_base_v1-0"})
+    return tensors
+
+
+def run_script(argv):
+    import resize_lora
+    from library.cli import parse_args
+
+    return resize_lora.main(parse_args(resize_lora.setup_parser(), argv))
+
+
+def test_script_fixed_rank_end_to_end(tmp_path):
+    formats_or_skip()
+    from library.safetensors_io import load_tensors
+
+    src, dst, rep = tmp_path / "in.safetensors", tmp_path / "out.safetensors", tmp_path / "r.json"
+    tensors = write_sdxl_lora(src)
+    run_script(["--model", str(src), "--save_to", str(dst), "--new_rank", "3", "--new_conv_rank", "2",
+                "--family", "sdxl", "--report", str(rep), "--verbose", "--device", "cpu"])
+    out, meta = load_tensors(str(dst))
+    assert set(out) == set(tensors)
+    for name, shape in SDXL_FILE_MODULES.items():
+        k = 2 if len(shape) == 4 else 3
+        down, up, alpha = out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"], out[f"{name}.alpha"]
+        assert down.dtype == torch.float16 and down.shape[0] == k and up.shape[1] == k
+        assert float(alpha) == pytest.approx(4 / 8 * k)
+        dense = delta64({s: tensors[f"{name}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha")})
+        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+        optimal = (U[:, :k] * S[:k]) @ Vh[:k]
+        got = float(alpha) / k * up.double().reshape(shape[0], k) @ down.double().reshape(k, -1)
+        assert float((got - optimal).norm() / optimal.norm()) < 2e-3  # fp16 storage of the factors
+    assert meta["ss_network_dim"] == "Dynamic" and meta["ss_network_alpha"] == "Dynamic"
+    assert meta["ss_training_comment"].startswith("dimension is resized from 8 to 3 (conv: 2); ")
+    import json
+
+    report = json.loads(rep.read_text())
+    assert len(report["layers"]) == 4 and report["summary"]["file_size_after"] < report["summary"]["file_size_before"]
+    assert all(0 < layer["fro_retained"] <= 1 for layer in report["layers"])
+
+
+def test_script_dynamic_and_refusals(tmp_path):
+    formats_or_skip()
+    from library.safetensors_io import load_tensors
+
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    write_sdxl_lora(src, dtype=torch.bfloat16)
+    result = run_script(["--model", str(src), "--save_to", str(dst), "--new_rank", "6", "--dynamic_method", "sv_fro",
+                         "--dynamic_param", "0.5", "--family", "sdxl", "--save_precision", "fp32", "--device", "cpu"])
+    out, meta = load_tensors(str(dst))
+    assert all(t.dtype == torch.float32 for t in out.values())
+    assert meta["ss_training_comment"].startswith("Dynamic resize with sv_fro: 0.5 from 8; ")
+    assert all(1 <= layer["new_rank"] <= 6 for layer in result["layers"])
+    with pytest.raises(LoraToolsError):  # never overwrite the input
+        run_script(["--model", str(src), "--save_to", str(src), "--family", "sdxl", "--overwrite"])
+    with pytest.raises(LoraToolsError):
+        run_script(["--model", str(src), "--save_to", str(tmp_path / "x.safetensors"), "--dynamic_method", "sv_fro",
+                    "--family", "sdxl"])
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_script_real_lokr_file(tmp_path):
+    formats_or_skip()
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real-loras",
+                        "LyCORIS__smart_falcon_4_lokr.safetensors")
+    if not os.path.exists(path):
+        pytest.skip(f"real LoKr file absent: {path}")
+    dst = tmp_path / "out.safetensors"
+    result = run_script(["--model", path, "--save_to", str(dst), "--new_rank", "8", "--device", "cpu"])
+    assert result["summary"]["layers"] > 0 and all(r["new_rank"] <= 8 for r in result["layers"])
+    assert all(r["route"] == "randomized" or r["route"] == "factored" for r in result["layers"])
