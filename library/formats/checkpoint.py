@@ -1,0 +1,150 @@
+"""Base checkpoints: which family a checkpoint is, and where each canonical target lives in it.
+
+A checkpoint may use the canonical layout (LDM single-file SD, BFL Flux), the same with a key prefix
+(`model.diffusion_model.` in ComfyUI-saved Flux files), or a diffusers layout (`down_blocks…` UNets,
+`transformer_blocks…` Flux transformers) in which one canonical fused weight is several tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from library.errors import LoraToolsError
+from library.formats.family import Family
+from library.formats.registry import FAMILIES
+from library.formats.types import Target
+
+MAIN_COMPONENTS = ("unet", "transformer")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Rows `target_rows` of a target's weight are rows `checkpoint_rows` of `checkpoint_key`.
+
+    None means all rows. `swap` means the two halves are in the other order in the checkpoint
+    (Flux final-layer modulation in diffusers layout).
+    """
+
+    checkpoint_key: str
+    checkpoint_rows: tuple[int, int] | None
+    target_rows: tuple[int, int] | None
+    swap: bool = False
+
+
+class CheckpointLayout:
+    """Maps canonical targets of `family` onto a checkpoint's keys: `prefix` + (canonical key, or the
+    `naming` module path + `.weight` when the checkpoint uses another naming)."""
+
+    def __init__(self, family: str, prefix: str = "", naming: str | None = None, strip: str = ""):
+        self.family: Family = FAMILIES[family]
+        self.prefix = prefix
+        self.naming = naming
+        self.strip = strip  # canonical prefix absent from the checkpoint (UNet-only LDM files)
+
+    @property
+    def name(self) -> str:
+        return f"{self.family.name}:{self.naming or 'canonical'}{':' + self.prefix if self.prefix else ''}"
+
+    def _own(self, key: str) -> str:
+        return self.prefix + (key[len(self.strip):] if self.strip and key.startswith(self.strip) else key)
+
+    def placements(self, target: Target) -> list[Placement]:
+        """Where the rows of `target` live in the checkpoint."""
+        table = self.family.table
+        if self.naming is None or target.component not in MAIN_COMPONENTS:
+            return [Placement(self._own(target.key), target.rows, None)]
+        span = target.rows or (0, table.shapes[target.key][0])
+        out = []
+        for path, slot in table.by_key[self.naming].get(target.key, []):
+            s, e = slot.rows or (0, table.shapes[target.key][0])
+            a, b = max(s, span[0]), min(e, span[1])
+            if a >= b:
+                continue
+            size = e - s
+            if slot.swap and (a, b) != (s, e):
+                raise LoraToolsError("a row slice of a half-swapped weight is not supported", key=target.key)
+            ck_rows = None if (a, b) == (s, e) else (a - s, b - s)
+            t_rows = None if (a, b) == span else (a - span[0], b - span[0])
+            out.append(Placement(self.prefix + path + ".weight", ck_rows if size else None, t_rows, slot.swap))
+        return out
+
+    def targets(self, keys) -> dict[str, tuple[Target, bool]]:
+        """checkpoint key -> (its canonical target, halves swapped) for every key of `keys` with one."""
+        table = self.family.table
+        out: dict[str, tuple[Target, bool]] = {}
+        wanted = set(keys)
+        if self.naming is not None:
+            for path, slot in table.slots[self.naming].items():
+                ck = self.prefix + path + ".weight"
+                if ck in wanted:
+                    full = table.shapes[slot.key]
+                    shape = (slot.rows[1] - slot.rows[0], *full[1:]) if slot.rows else full
+                    out[ck] = (Target(slot.key, slot.rows, table.components[slot.key], tuple(shape)), slot.swap)
+        for key, shape in table.shapes.items():
+            if self.naming is not None and table.components[key] in MAIN_COMPONENTS:
+                continue
+            ck = self._own(key)
+            if ck in wanted:
+                out[ck] = (Target(key, None, table.components[key], tuple(shape)), False)
+        return out
+
+    def target_of(self, checkpoint_key: str) -> Target | None:
+        hit = self.targets([checkpoint_key]).get(checkpoint_key)
+        return hit[0] if hit else None
+
+
+def _candidates() -> list[CheckpointLayout]:
+    out = []
+    for name, fam in FAMILIES.items():
+        out.append(CheckpointLayout(name))
+        main_prefix = "model.diffusion_model."
+        if any(k.startswith(main_prefix) for k in fam.table.shapes):
+            out.append(CheckpointLayout(name, strip=main_prefix))  # UNet-only file with bare LDM keys
+        else:
+            out.append(CheckpointLayout(name, prefix=main_prefix))  # ComfyUI-saved transformer checkpoints
+        for naming in fam.namings.get("unet", ()) + fam.namings.get("transformer", ()):
+            if naming == "diffusers":
+                out.append(CheckpointLayout(name, naming=naming))
+    return out
+
+
+def score(layout: CheckpointLayout, reader) -> float:
+    """Fraction of the family's UNet/transformer weights present in the checkpoint with their exact shapes."""
+    table = layout.family.table
+    keys = set(reader.keys())
+    found = total = 0
+    mains = [k for k, c in table.components.items() if c in MAIN_COMPONENTS]
+    for key in mains:
+        target = Target(key, None, table.components[key], table.shapes[key])
+        for p in layout.placements(target):
+            total += 1
+            if p.checkpoint_key in keys:
+                shape = tuple(reader.shape(p.checkpoint_key))
+                rows = p.checkpoint_rows
+                want = table.shapes[key]
+                if p.target_rows:
+                    want = (p.target_rows[1] - p.target_rows[0], *want[1:])
+                if rows is None and shape == tuple(want) or rows is not None and shape[1:] == tuple(want[1:]):
+                    found += 1
+    return found / total if total else 0.0
+
+
+def detect_checkpoint_layout(reader, family: str | None = None) -> CheckpointLayout | None:
+    """The best-fitting family layout (over half of its main weights present with exact shapes), or None."""
+    layouts = [c for c in _candidates() if family is None or c.family.name == family]
+    scored = sorted(((score(c, reader), c) for c in layouts), key=lambda x: -x[0])
+    if not scored or scored[0][0] <= 0.5:
+        return None
+    best = scored[0][0]
+    tied = [c for s, c in scored if s == best and c.family.name != scored[0][1].family.name]
+    if tied:
+        names = ", ".join(sorted({scored[0][1].family.name, *(c.family.name for c in tied)}))
+        raise LoraToolsError(f"ambiguous checkpoint family ({names}); say which with --family",
+                             file=getattr(reader, "path", None))
+    return scored[0][1]
+
+
+def detect_checkpoint_family(reader) -> str | None:
+    """sd1 / sd2 / sdxl / flux1 … from a checkpoint's keys and shapes; None when no family fits."""
+    layout = detect_checkpoint_layout(reader)
+    return layout.family.name if layout else None

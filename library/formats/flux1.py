@@ -1,0 +1,104 @@
+"""Flux.1 (dev, schnell, Kontext, Krea): BFL module names are canonical (`double_blocks.0.img_attn.qkv.weight`).
+
+diffusers splits the fused qkv (3 × 3072 rows) and single-block linear1 (q, k, v, mlp: 3072 ×3 + 12288)
+and stores the final modulation as (scale, shift) where BFL has (shift, scale) (formats.md §3.2–3.4).
+"""
+
+from __future__ import annotations
+
+import re
+
+from library.formats.family import Family, WriteSpec
+
+H = 3072
+
+_DOUBLE = {"img_mod.lin": ["norm1.linear"], "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+           "img_attn.proj": ["attn.to_out.0"], "img_mlp.0": ["ff.net.0.proj"], "img_mlp.2": ["ff.net.2"],
+           "txt_mod.lin": ["norm1_context.linear"],
+           "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+           "txt_attn.proj": ["attn.to_add_out"], "txt_mlp.0": ["ff_context.net.0.proj"], "txt_mlp.2": ["ff_context.net.2"]}
+_SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
+           "modulation.lin": ["norm.linear"]}
+_TOP = {"img_in": "x_embedder", "txt_in": "context_embedder",
+        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+        "final_layer.linear": "proj_out"}
+# xlabs LoRA processors (x-flux): qkv_lora on single blocks covers only the q, k, v rows of linear1.
+_XLABS_DOUBLE = {"img_attn.qkv": "processor.qkv_lora1", "txt_attn.qkv": "processor.qkv_lora2",
+                 "img_attn.proj": "processor.proj_lora1", "txt_attn.proj": "processor.proj_lora2"}
+
+
+def split_rule(path: str, shape: tuple[int, ...]) -> list[tuple[str, int | None, bool]]:
+    m = re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", path)
+    if m:
+        table, prefix = (_DOUBLE, "transformer_blocks") if m[1] == "double" else (_SINGLE, "single_transformer_blocks")
+        names = table[m[3]]
+        sizes = [H] * 3 + [shape[0] - 3 * H] if len(names) == 4 else [H] * len(names) if len(names) == 3 else [None]
+        return [(f"{prefix}.{m[2]}.{n}", s, False) for n, s in zip(names, sizes, strict=True)]
+    if path == "final_layer.adaLN_modulation.1":
+        return [("norm_out.linear", None, True)]
+    return [(_TOP[path], None, False)]
+
+
+def build(builder, shapes) -> None:
+    from library.formats.native_build import build_native
+    from library.formats.text_encoders import build_clip, build_t5
+
+    build_native(builder, shapes("flux1_bfl_kohya"), shapes("flux1_dev"), split_rule, native="bfl")
+    for path, _k, _shape, _b in shapes("flux1_bfl_kohya"):
+        m = re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", path)
+        if m and m[1] == "double" and m[3] in _XLABS_DOUBLE:
+            builder.slot("xlabs", f"double_blocks.{m[2]}.{_XLABS_DOUBLE[m[3]]}", path + ".weight")
+        elif m and m[3] == "linear1":
+            builder.slot("xlabs", f"single_blocks.{m[2]}.processor.qkv_lora", path + ".weight", (0, 3 * H))
+        elif m and m[3] == "linear2":
+            builder.slot("xlabs", f"single_blocks.{m[2]}.processor.proj_lora", path + ".weight")
+    build_clip(builder, shapes("clip_l"), "te1", "text_encoders.clip_l.transformer.", "clip_l")
+    build_t5(builder, shapes("t5xxl"), "t5", "text_encoders.t5xxl.transformer.")
+
+
+def block_id(key: str) -> str | None:
+    """D00..D18 for double blocks, S00..S37 for single blocks, BASE for text encoders, None elsewhere."""
+    if key.startswith("text_encoders."):
+        return "BASE"
+    m = re.match(r"(double|single)_blocks\.(\d+)\.", key)
+    return f"{m[1][0].upper()}{int(m[2]):02d}" if m else None
+
+
+def _naming(component: str) -> str:
+    return "clip_l" if component == "te1" else "t5"
+
+
+_TE = {"te1": ("lora_te1_", "text_encoder", "clip_l"), "t5": ("lora_te3_", "text_encoder_2", "t5xxl")}
+
+FAMILY = Family(
+    name="flux1", description="FLUX.1 (dev, schnell and their derivatives)",
+    namings={"transformer": ("bfl", "diffusers", "xlabs"), "te1": ("clip_l",), "t5": ("t5",)},
+    read_prefixes=(("lora_unet_", "transformer"), ("lora_transformer_", "transformer"), ("lycoris_", "transformer"),
+                   ("lora_te1_", "te1"), ("lora_te_", "te1"), ("lora_te3_", "t5"), ("lora_te2_", "t5"),
+                   ("model.diffusion_model.", "transformer"), ("diffusion_model.", "transformer"),
+                   ("transformer.base_model.model.", "transformer"), ("base_model.model.", "transformer"),
+                   ("transformer.", "transformer"), ("text_encoder.", "te1"), ("text_encoder_2.", "t5"),
+                   ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.t5xxl.transformer.", "t5"),
+                   ("", "transformer")),
+    write={
+        "kohya": {"transformer": WriteSpec("lora_unet_", "bfl", flat=True),
+                  **{c: WriteSpec(kp, _naming(c), flat=True) for c, (kp, _d, _n) in _TE.items()}},
+        "diffusers": {"transformer": WriteSpec("transformer.", "diffusers", peft=True, alpha="metadata",
+                                               adapter_name="transformer"),
+                      **{c: WriteSpec(dp + ".", _naming(c), peft=True, alpha="metadata", adapter_name=dp)
+                         for c, (_k, dp, _n) in _TE.items()}},
+        # AI-Toolkit saves Flux.1 in PEFT layout with alpha = rank, i.e. no alpha anywhere (§1.1).
+        "ai-toolkit": {"transformer": WriteSpec("transformer.", "diffusers", peft=True, alpha="bake"),
+                       **{c: WriteSpec(dp + ".", _naming(c), peft=True, alpha="bake") for c, (_k, dp, _n) in _TE.items()}},
+        "comfy": {"transformer": WriteSpec("diffusion_model.", "bfl"),
+                  **{c: WriteSpec(f"text_encoders.{n}.transformer.", _naming(c)) for c, (_k, _d, n) in _TE.items()}},
+    },
+    block_id=block_id,
+    hints=("flux1", "flux-1"),
+    checkpoint_layouts={"diffusers": ("", "diffusers")},
+)

@@ -1,0 +1,87 @@
+"""Reading any supported LoRA file into canonical modules."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from library.errors import LoraToolsError
+from library.formats.match import FileMatch, detect, format_of
+from library.formats.peft_alpha import PeftAlphas
+from library.formats.regroup import swap_halves
+from library.formats.types import LoraFile, Module, Target
+from library.safetensors_io import load_tensors
+from networks.base import DoraMagnitude
+
+MAX_LISTED = 20
+
+
+def read_lora(path: str | os.PathLike, family: str | None = None, allow_unmatched: bool = False) -> LoraFile:
+    """Load a LoRA file of any supported format; every module becomes a `Module` on a canonical `Target`.
+
+    Keys that map to no target are an error listing them, unless `allow_unmatched` (then they are
+    recorded in `LoraFile.unmatched`).
+    """
+    tensors, metadata = load_tensors(path)
+    return lora_from_tensors(tensors, metadata, family, allow_unmatched, path=os.fspath(path))
+
+
+def unmatched_message(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED])
+    more = f" (and {len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else ""
+    return f"{len(keys)} key(s) map to no target: {shown}{more}; pass --allow_unmatched to drop them"
+
+
+def lora_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                      family: str | None = None, allow_unmatched: bool = False, path: str = "") -> LoraFile:
+    metadata = dict(metadata or {})
+    fm = detect({k: tuple(v.shape) for k, v in tensors.items()}, metadata, family, path or None)
+    if fm.unmatched and not allow_unmatched:
+        raise LoraToolsError(unmatched_message(fm.unmatched) + f" (detected family {fm.family.name})", file=path or None)
+    if not fm.matches:
+        raise LoraToolsError(f"no module of this file fits the {fm.family.name} family", file=path or None)
+    fmt = format_of(fm, list(tensors))
+    modules = _modules(fm, tensors, PeftAlphas(metadata), path)
+    return LoraFile(path, fm.family.name, fmt, modules, metadata, list(fm.unmatched))
+
+
+def _modules(fm: FileMatch, tensors: Mapping[str, torch.Tensor], alphas: PeftAlphas, path: str) -> list[Module]:
+    table = fm.family.table
+    modules: list[Module] = []
+    taken: dict[str, list[tuple[tuple[int, int], str]]] = {}
+    for name, m in fm.matches.items():
+        keys = fm.modules[name]
+        full = table.shapes[m.slot.key]
+        rows = m.slot.rows
+        shape = (rows[1] - rows[0], *full[1:]) if rows else full
+        span = rows or (0, full[0])
+        for other_span, other in taken.get(m.slot.key, []):
+            if span[0] < other_span[1] and other_span[0] < span[1]:
+                raise LoraToolsError(f"modules {other} and {name} both change {m.slot.key}", file=path or None)
+        taken.setdefault(m.slot.key, []).append((span, name))
+        t = {suffix: tensors[key] for suffix, key in keys.items()}
+        if "alpha" in t:
+            t["alpha"] = t["alpha"].reshape(())
+        elif alphas and "lora_down.weight" in t:
+            alpha = alphas.alpha_for(m.prefix, m.path)
+            if alpha is not None:
+                t["alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        axis = None
+        if "dora_scale" in t:
+            t["dora_scale"], axis = _dora(t["dora_scale"], keys["dora_scale"], shape, name)
+        if m.slot.swap:
+            t = swap_halves(t, shape, name)
+        modules.append(Module(Target(m.slot.key, rows, m.component, tuple(shape)), t, name, axis))
+    return modules
+
+
+def _dora(scale: torch.Tensor, key: str, shape: tuple[int, ...], name: str) -> tuple[torch.Tensor, str]:
+    """DoRA magnitude as [out, 1(, 1, 1)] (axis "out") or [1, in(, 1, 1)] (axis "in")."""
+    extra = [1] * (len(shape) - 2)
+    if "magnitude" in key.rsplit(".", 2)[-1] or "lora_magnitude_vector" in key or scale.dim() == 1:
+        # PEFT / AI-Toolkit magnitudes are always per output row, whatever their stored shape.
+        return scale.reshape(-1, 1, *extra), "out"
+    axis = DoraMagnitude.from_dora_scale(scale, name).axis
+    return scale, axis

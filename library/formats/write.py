@@ -1,0 +1,218 @@
+"""Writing canonical modules in kohya, diffusers/PEFT, AI-Toolkit or ComfyUI naming.
+
+Per canonical weight, the output naming's modules ("slots") receive the input modules as they are
+when the row ranges agree, else after an exact split/fuse (regroup.py). The scale travels as alpha
+where the format can hold it (`.alpha` keys, or `lora_adapter_metadata` for diffusers); AI-Toolkit's
+PEFT files cannot, so there it is baked into the factors with power-of-two moves (exact when the scale
+is a power of two, a rounding of the last bit otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from library.errors import LoraToolsError
+from library.formats.family import Slot, WriteSpec
+from library.formats.peft_alpha import KEY as PEFT_METADATA_KEY
+from library.formats.peft_alpha import adapter_metadata
+from library.formats.registry import FAMILIES
+from library.formats.regroup import fuse, kind_of, rank_of, scale_of, split, swap_halves
+from library.formats.types import LoraFile, Module
+from library.safetensors_io import cast_clamped, save_tensors
+
+WRITE_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
+
+
+def lora_tensors(modules: Iterable[Module], family: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of `modules` in format `fmt`, and the metadata that format adds."""
+    fam = FAMILIES.get(family)
+    if fam is None:
+        raise LoraToolsError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    specs = fam.write.get(fmt)
+    if specs is None:
+        raise LoraToolsError(f"cannot write {fmt!r} for {family}; formats: {', '.join(fam.write)}")
+    table = fam.table
+    grouped: dict[tuple[str, str], list[Module]] = {}
+    for module in modules:
+        grouped.setdefault((module.target.component, module.target.key), []).append(module)
+    out: dict[str, torch.Tensor] = {}
+    peft: dict[str, dict[str, tuple[int, float]]] = {}
+    for (component, key), mods in grouped.items():
+        spec = specs.get(component)
+        if spec is None:
+            raise LoraToolsError(f"the {fmt} format of {family} has no place for the {component} component", key=key)
+        slots = table.by_key[spec.naming].get(key)
+        if not slots:
+            raise LoraToolsError(f"{fmt} naming has no module for this weight", key=key)
+        full = table.shapes[key]
+        for path, slot, tensors in place(mods, slots, full, key):
+            shape = _slot_shape(slot, full)
+            if slot.swap:
+                tensors = swap_halves(tensors, shape, path)
+            name = spec.prefix + (path.replace(".", "_") if spec.flat else path)
+            _emit(out, name, path, tensors, spec, peft)
+    extra: dict[str, str] = {}
+    if peft:
+        extra[PEFT_METADATA_KEY] = adapter_metadata(peft)
+        extra["format"] = "pt"
+    return out, extra
+
+
+def _slot_shape(slot: Slot, full: tuple[int, ...]) -> tuple[int, ...]:
+    return (slot.rows[1] - slot.rows[0], *full[1:]) if slot.rows else tuple(full)
+
+
+def place(mods: list[Module], slots: list[tuple[str, Slot]], full: tuple[int, ...], key: str) \
+        -> list[tuple[str, Slot, dict[str, torch.Tensor]]]:
+    """Distribute the modules of one weight over the output slots (split and fuse where ranges differ)."""
+    ranges = [(path, slot, slot.rows or (0, full[0])) for path, slot in slots]
+    by_range = {r: (p, s) for p, s, r in ranges}
+    spans = [m.target.rows or (0, full[0]) for m in mods]
+    if all(s in by_range for s in spans):
+        return [(*by_range[s], m.tensors) for s, m in zip(spans, mods, strict=True)]
+    bounds = sorted({0, full[0], *(x for s in spans for x in s), *(x for _, _, r in ranges for x in r)})
+    pieces: list[tuple[tuple[int, int], dict[str, torch.Tensor]]] = []
+    for (a, b), m in zip(spans, mods, strict=True):
+        cuts = [x for x in bounds if a <= x <= b]
+        parts = list(zip(cuts[:-1], cuts[1:], strict=True))
+        if len(parts) == 1:
+            pieces.append(((a, b), m.tensors))
+            continue
+        split_parts = split(m.tensors, [(x - a, y - a) for x, y in parts], (b - a, *full[1:]), m.source)
+        pieces.extend(((x, y), t) for (x, y), t in zip(parts, split_parts, strict=True) if t is not None)
+    result = []
+    used = 0
+    for path, slot, (s, e) in ranges:
+        inside = [((x - s, y - s), t) for (x, y), t in pieces if s <= x and y <= e]
+        if not inside:
+            continue
+        used += len(inside)
+        if len(inside) == 1 and inside[0][0] == (0, e - s):
+            result.append((path, slot, inside[0][1]))
+        else:
+            result.append((path, slot, fuse(inside, e - s, (e - s, *full[1:]), path)))
+    if used != len(pieces):
+        raise LoraToolsError("adapter rows do not fit the output naming's modules", key=key)
+    return result
+
+
+def bake_factors(scale: float) -> tuple[float, float]:
+    """(down, up) multipliers with product `scale`, moving powers of two to up for small scales.
+
+    Same split as sd-scripts/diffusers: start with everything on down, and while down·2 < up, double
+    down and halve up. Power-of-two moves keep the product exact in any float format.
+    """
+    down, up = scale, 1.0
+    while down * 2 < up:
+        down *= 2
+        up /= 2
+    return down, up
+
+
+def _alpha_value(tensors: Mapping[str, torch.Tensor]) -> float:
+    alpha = tensors.get("alpha")
+    rank = rank_of(tensors)
+    value = float(alpha.float()) if alpha is not None else None
+    return float(rank) if value is None or value == 0 else value
+
+
+def _fold_tucker(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tucker LoCon as plain LoCon (exact): down' [r, in, k, k] = mid ∘ down."""
+    out = dict(tensors)
+    mid, down = out.pop("lora_mid.weight"), tensors["lora_down.weight"]
+    core = torch.einsum("mnhw,ni->mihw", mid.float(), down.float().reshape(down.shape[0], -1))
+    out["lora_down.weight"] = core.to(down.dtype)
+    return out
+
+
+def _emit(out: dict, name: str, path: str, tensors: dict[str, torch.Tensor], spec: WriteSpec,
+          peft: dict[str, dict[str, tuple[int, float]]]) -> None:
+    def put(key: str, value: torch.Tensor) -> None:
+        if key in out:
+            raise LoraToolsError("two modules would be written under the same key", key=key)
+        out[key] = value
+
+    kind = kind_of(tensors)
+    if kind == "lora" and spec.peft:
+        if "lora_mid.weight" in tensors:
+            tensors = _fold_tucker(tensors)
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        if spec.alpha == "bake":
+            d, u = bake_factors(scale_of(tensors))
+            down = down if d == 1 else (down.float() * d).to(down.dtype)
+            up = up if u == 1 else (up.float() * u).to(up.dtype)
+        put(f"{name}.lora_A.weight", down)
+        put(f"{name}.lora_B.weight", up)
+        if "lora_up.bias" in tensors:
+            bias = tensors["lora_up.bias"]
+            if spec.alpha == "bake" and scale_of(tensors) != 1:
+                bias = (bias.float() * scale_of(tensors)).to(bias.dtype)
+            put(f"{name}.lora_B.bias", bias)
+        if "diff_b" in tensors:
+            put(f"{name}.diff_b", tensors["diff_b"])
+        if "dora_scale" in tensors:
+            scale = tensors["dora_scale"]
+            if scale.shape[0] != up.shape[0]:
+                raise LoraToolsError("PEFT DoRA holds only per-output-row magnitudes; this module's are per input "
+                                     "column (write kohya or comfy instead)", key=name)
+            put(f"{name}.lora_magnitude_vector", scale.reshape(-1))
+        if spec.alpha == "metadata":
+            peft.setdefault(spec.adapter_name, {})[path] = (rank_of(tensors), _alpha_value(tensors))
+        elif spec.alpha == "tensor":
+            put(f"{name}.alpha", _alpha_tensor_out(tensors))
+        return
+    for suffix, value in tensors.items():
+        if suffix == "alpha":
+            continue
+        if suffix == "lora_up.bias":
+            # kohya/ComfyUI have no LoRA bias; ComfyUI's own conversion makes it a bias delta (diff_b).
+            scale = scale_of(tensors)
+            put(f"{name}.diff_b", value if scale == 1 else (value.float() * scale).to(value.dtype))
+            continue
+        put(f"{name}.{suffix}", value)
+    if kind != "full":
+        put(f"{name}.alpha", _alpha_tensor_out(tensors))
+
+
+def _alpha_tensor_out(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The stored alpha unchanged, or rank when absent (sd-scripts writes alpha = dim)."""
+    alpha = tensors.get("alpha")
+    if alpha is not None:
+        return alpha
+    return torch.tensor(float(rank_of(tensors)), dtype=torch.float32)
+
+
+def _cast(key: str, value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not value.is_floating_point() or value.dtype == dtype:
+        return value
+    if key.endswith(".alpha"):
+        cast = value.to(dtype)
+        # An alpha the save precision cannot hold exactly stays float32 (it sets the scale of a whole module).
+        return cast if math.isclose(float(cast), float(value), rel_tol=0, abs_tol=0) else value
+    return cast_clamped(value, dtype)
+
+
+def save_lora(path: str | os.PathLike, lora: LoraFile | Iterable[Module], family: str | None = None,
+              fmt: str | None = None, metadata: Mapping[str, str] | None = None,
+              save_dtype: torch.dtype | None = None, inputs: Iterable[str | os.PathLike] = (),
+              overwrite: bool = False) -> dict[str, torch.Tensor]:
+    """Write modules (or a LoraFile) in `fmt`; family/format/metadata default to the LoraFile's."""
+    if isinstance(lora, LoraFile):
+        family = family or lora.family
+        fmt = fmt or (lora.format if lora.format in WRITE_FORMATS else "kohya")
+        metadata = lora.metadata if metadata is None else metadata
+        modules = lora.modules
+    else:
+        modules = list(lora)
+    if family is None or fmt is None:
+        raise LoraToolsError("save_lora needs a family and a format")
+    tensors, extra = lora_tensors(modules, family, fmt)
+    tensors = {k: _cast(k, v, save_dtype).contiguous() for k, v in tensors.items()}
+    meta = {k: v for k, v in (metadata or {}).items() if k not in (PEFT_METADATA_KEY,)}
+    meta.update(extra)
+    save_tensors(path, tensors, meta, inputs=inputs, overwrite=overwrite)
+    return tensors
