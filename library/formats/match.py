@@ -145,7 +145,9 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
             raise LoraToolsError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}", file=path)
         return match_family(FAMILIES[family], modules, bad, shapes)
     if not modules:
-        raise LoraToolsError(f"no LoRA tensors found (first keys: {', '.join(list(shapes)[:5])})", file=path)
+        raise LoraToolsError("not a LoRA this tool understands: no key ends in an adapter suffix (.lora_down.weight, "
+                             ".lora_A.weight, .alpha, .hada_w1_a, .lokr_w1, .diff, …); first keys: "
+                             f"{', '.join(sorted(shapes)[:3])}", file=path)
     results = [match_family(f, modules, bad, shapes) for f in FAMILIES.values()]
     best = max(len(r.matches) for r in results)
     if best == 0:

@@ -27,8 +27,13 @@ from library.safetensors_io import cast_clamped, save_tensors
 WRITE_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
 
 
-def lora_tensors(modules: Iterable[Module], family: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of `modules` in format `fmt`, and the metadata that format adds."""
+def lora_tensors(modules: Iterable[Module], family: str, fmt: str, notes: list[str] | None = None) \
+        -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of `modules` in format `fmt`, and the metadata that format adds.
+
+    `notes`, when given, receives one line per output module that was split from or fused out of
+    input modules.
+    """
     fam = FAMILIES.get(family)
     if fam is None:
         raise LoraToolsError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
@@ -49,7 +54,11 @@ def lora_tensors(modules: Iterable[Module], family: str, fmt: str) -> tuple[dict
         if not slots:
             raise LoraToolsError(f"{fmt} naming has no module for this weight", key=key)
         full = table.shapes[key]
-        for path, slot, tensors in place(mods, slots, full, key):
+        placed = place(mods, slots, full, key)
+        if notes is not None and (len(placed) != len(mods) or any(t is not m.tensors for (_, _, t), m in zip(placed, mods))):
+            notes.append(f"{', '.join(m.source for m in mods)} -> {', '.join(spec.prefix + p for p, _, _ in placed)}"
+                         f" ({_describe(placed)})")
+        for path, slot, tensors in placed:
             shape = _slot_shape(slot, full)
             if slot.swap:
                 tensors = swap_halves(tensors, shape, path)
@@ -60,6 +69,12 @@ def lora_tensors(modules: Iterable[Module], family: str, fmt: str) -> tuple[dict
         extra[PEFT_METADATA_KEY] = adapter_metadata(peft)
         extra["format"] = "pt"
     return out, extra
+
+
+def _describe(placed) -> str:
+    ranks = [rank_of(t) for _, _, t in placed]
+    kinds = {kind_of(t) for _, _, t in placed}
+    return f"{'/'.join(sorted(kinds))} rank {', '.join(str(r) for r in ranks)}"
 
 
 def _slot_shape(slot: Slot, full: tuple[int, ...]) -> tuple[int, ...]:
