@@ -96,8 +96,9 @@ def main(args: argparse.Namespace) -> dict:
     inputs = [args.model_org, args.model_tuned]
     save_to = prepare_output(args.save_to, inputs, args)
     with CheckpointPair(args.model_org, args.model_tuned, mmap=args.mmap) as pair:
-        naming = choose_naming(pair, args)
         match = pair.match(args.prefix_model)
+        naming = choose_naming(pair, args)
+        naming.prepare(match.common)
         tasks, skipped = plan_layers(pair, [k for k in match.common if naming.accepts(k)], options, naming.targets_of)
         skipped += naming.rejected(match.common)
         if not tasks:

@@ -38,7 +38,7 @@ PREFIX = "model.diffusion_model."
 # Words of SGM module names that contain an underscore themselves; every other "_" was a ".".
 COMPOUNDS = ("input_blocks", "middle_block", "output_blocks", "transformer_blocks", "in_layers", "out_layers",
              "emb_layers", "skip_connection", "to_q", "to_k", "to_v", "to_out", "proj_in", "proj_out")
-DEFAULT_BLOCKS = ("input_blocks.4.", "input_blocks.5.", "middle_block.1.transformer_blocks.0.")
+DEFAULT_BLOCKS = ("input_blocks.4.", "input_blocks.5.", "middle_block.1.transformer_blocks.0.", "output_blocks.0.0.")
 
 
 def ldm_path(kohya_name: str) -> str:

@@ -37,6 +37,9 @@ class GenericNaming:
         self.prefix_model = prefix_model
         self.prefix_lora = prefix_model if prefix_lora is None else prefix_lora
 
+    def prepare(self, keys: Sequence[str]) -> None:
+        """Nothing to look up: names come from the keys themselves."""
+
     def accepts(self, key: str) -> bool:
         # Only `.weight`/`.bias` keys have a module to patch (ComfyUI's rule); `in_proj_weight`-style fused
         # tensors need a family's table to be split, so they stay out of generic files.
@@ -89,14 +92,12 @@ def choose_naming(pair: CheckpointPair, args: argparse.Namespace):
 
 def _detect_family(pair: CheckpointPair, args: argparse.Namespace) -> str | None:
     """The family of both checkpoints (they must agree), checked against --v2 / --sdxl / --family."""
-    try:
-        from library.formats import detect_checkpoint_family
-    except ImportError:
-        detect_checkpoint_family = None
+    from library.formats import FAMILIES, detect_checkpoint_family
+
     if args.family:
+        if args.family not in FAMILIES:
+            raise LoraToolsError(f"unknown --family {args.family!r}; known: {', '.join(FAMILIES)}")
         return args.family
-    if detect_checkpoint_family is None:
-        return None
     base = _detect_one(detect_checkpoint_family, pair.base, pair.base_path)
     tuned = _detect_one(detect_checkpoint_family, pair.tuned, pair.tuned_path)
     if base != tuned:

@@ -263,3 +263,47 @@ def test_dynamic_rank_sv_fro_capped_by_dim(tmp_path):
     report, _, _ = run(tmp_path, base, tuned, "--dim", "2", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9",
                        *COMFY, out="capped.safetensors")
     assert report["layers"][0]["rank"] == 2
+
+
+def test_cli_error_is_one_line_with_exit_status_2(tmp_path, capsys):
+    key = ATTN + "attn1.to_q.weight"
+    save_tensors(tmp_path / "a.safetensors", {key: torch.zeros(8, 8)})
+    save_tensors(tmp_path / "b.safetensors", {key: torch.zeros(8, 16)})
+    from library.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(script.setup_parser, script.main, ["--model_org", str(tmp_path / "a.safetensors"), "--model_tuned",
+                                                   str(tmp_path / "b.safetensors"), "--save_to", str(tmp_path / "o.safetensors")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0] and "not the same architecture" in err[0]
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_sdxl_kohya_names_and_openclip_in_proj_split_per_slice(tmp_path):
+    """--family sdxl (scaled-down UNet layer) and a full-size OpenCLIP in_proj, whose q/k/v rows are
+    extracted one by one into kohya's lora_te2_…_{q,k,v}_proj modules."""
+    in_proj = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    te1 = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    unet = ATTN + "attn2.to_k.weight"
+    shapes = {unet: (64, 128), te1: (48, 48), in_proj: (3840, 1280),
+              "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias": (3840,)}
+    base, tuned, diffs = make_pair(tmp_path, shapes, rank=3)
+    report, tensors, meta = run(tmp_path, base, tuned, "--family", "sdxl", "--dim", "3", "--bias_diff")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    expected = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (unet, None),
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (te1, None)}
+    for i, part in enumerate("qkv"):
+        expected[f"lora_te2_text_model_encoder_layers_0_self_attn_{part}_proj"] = (in_proj, (1280 * i, 1280 * (i + 1)))
+    assert {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in tensors} == set(expected)
+    for module, (key, rows) in expected.items():
+        diff = diffs[key] if rows is None else diffs[key][rows[0]:rows[1]]
+        delta = lora_delta(tensors, module, tuple(diff.shape))
+        assert tensors[module + ".lora_down.weight"].shape[0] == 3
+        # every slice of a rank-3 difference has rank ≤ 3: recovered up to the float32 rounding of the
+        # stored weights (ulp of |w| ≈ 0.05 against differences ≈ 1e-4: ~3e-5 relative)
+        assert float((delta - diff).norm()) <= 1e-4 * float(diff.norm())
+    bias = diffs["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias"]
+    stored = tensors["lora_te2_text_model_encoder_layers_0_self_attn_v_proj.diff_b"].double()
+    assert torch.allclose(stored, bias[2560:], rtol=1e-6, atol=0)  # float32 subtraction vs float64
