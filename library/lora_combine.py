@@ -39,6 +39,7 @@ class Term:
     rows: tuple[int, int]  # rows of the group's target this term covers
     source: str
     bias_scale: float = 1.0
+    slot: int = 0  # index of the input file (svd_merge_lora seeds DARE masks per input position)
 
 
 @dataclass
@@ -67,7 +68,7 @@ def group_targets(inputs: list[LoraInput]) -> tuple[str, list[Group]]:
         raise LoraToolsError(f"the LoRAs are for different model families ({listed})")
     family = families.pop()
     by_key: dict[str, list[tuple[Module, Term]]] = {}
-    for inp in inputs:
+    for slot, inp in enumerate(inputs):
         if inp.block_weights is not None:
             inp.block_weights.check_family(family, file=inp.path)
         for module in inp.lora.modules:
@@ -80,7 +81,7 @@ def group_targets(inputs: list[LoraInput]) -> tuple[str, list[Group]]:
                 raise LoraToolsError("DoRA modules depend on the base weight and cannot be merged into a LoRA; "
                                      "merge them into a checkpoint with --sd_model", file=inp.path, key=module.source)
             own_bias = "lora_up.bias" in module.tensors and "diff_b" not in module.tensors
-            term = Term(adapter, w, (0, module.target.shape[0]), source, adapter.scale if own_bias else 1.0)
+            term = Term(adapter, w, (0, module.target.shape[0]), source, adapter.scale if own_bias else 1.0, slot)
             by_key.setdefault(module.target.key, []).append((module, term))
     groups: list[Group] = []
     for key, entries in by_key.items():
