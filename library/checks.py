@@ -11,7 +11,7 @@ class NonFiniteTracker:
     """Collects the keys whose tensors hold NaN or inf, so a script can warn by name instead of
     silently propagating them into a merged model."""
 
-    def __init__(self, what: str = "input"):
+    def __init__(self, what: str):
         self.what = what
         self.keys: list[str] = []
 
@@ -26,4 +26,4 @@ class NonFiniteTracker:
         if self.keys:
             shown = ", ".join(self.keys[:20])
             more = f" and {len(self.keys) - 20} more" if len(self.keys) > 20 else ""
-            warn(f"{len(self.keys)} {self.what} tensor(s) contain NaN or inf and were propagated: {shown}{more}")
+            warn(f"{self.what}: {len(self.keys)} tensor(s) contain NaN or inf, which carry into the result: {shown}{more}")

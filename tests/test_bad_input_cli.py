@@ -86,5 +86,5 @@ def test_nan_in_input_is_named(tmp_path):
     save_file({f"{MODULE}.lora_down.weight": down, f"{MODULE}.lora_up.weight": torch.randn(640, 4),
                f"{MODULE}.alpha": torch.tensor(2.0)}, str(path))
     out = tmp_path / "out.safetensors"
-    proc = run("convert_lora.py", str(path), str(out), "--to", "diffusers")
+    proc = run("convert_lora.py", str(path), str(out), "--to", "diffusers", "--family", "sdxl")
     assert "NaN" in proc.stderr and MODULE in proc.stderr

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
+from library.checks import NonFiniteTracker
 from library.errors import LoraToolsError
 from library.formats.match import FileMatch, detect, format_of
 from library.formats.peft_alpha import PeftAlphas
@@ -25,6 +26,11 @@ def read_lora(path: str | os.PathLike, family: str | None = None, allow_unmatche
     recorded in `LoraFile.unmatched`).
     """
     tensors, metadata = load_tensors(path)
+    # NaN/inf in a LoRA would spread into every merge and checkpoint made from it: name them once, here.
+    nonfinite = NonFiniteTracker(os.fspath(path))
+    for key, tensor in tensors.items():
+        nonfinite.check(key, tensor)
+    nonfinite.warn()
     return lora_from_tensors(tensors, metadata, family, allow_unmatched, path=os.fspath(path))
 
 
