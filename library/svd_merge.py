@@ -33,10 +33,9 @@ from library.lowrank import (
     randomized_svd,
     seeded_generator,
     select_rank,
-    stack_factors,
     svd_to_lora,
 )
-from library.merge_methods import SIGN_METHODS, MergeContext, generator_for, get_method, merge_tensors
+from library.merge_methods import SIGN_METHODS, MergeContext, get_method, merge_tensors, stable_seed
 from networks.base import Adapter
 
 # Stacked factors of one batch stay under this many elements per side (≈256 MiB in fp32), so batching
@@ -156,10 +155,26 @@ def merge_layers(jobs: Sequence[LayerJob], settings: MergeSettings,
 # Factored route
 
 
-def _stacked(job: LayerJob, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """[w₁·up₁ | … ] and [down₁; …] (scales folded into the ups by Adapter.factors())."""
-    pairs = [adapter.factors() for _, adapter, _ in job.parts]
-    return stack_factors([u for u, _ in pairs], [d for _, d in pairs], [w for _, _, w in job.parts], dtype)
+def _fill_batch(batch: list[LayerJob], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked factors of a batch, [B, out, R] and [B, R, in], written in place.
+
+    Per layer this is lowrank.stack_factors (w·up side by side, downs on top of each other, scales folded
+    into the ups by Adapter.factors()); filling one preallocated tensor avoids a concatenation per layer
+    and a stack per batch, which for a thousand small layers cost more than the QRs themselves.
+    """
+    out_dim, in_dim = batch[0].shape[0], math.prod(batch[0].shape[1:])
+    rank = sum(int(a.rank) for _, a, _ in batch[0].parts)
+    big_up = torch.empty(len(batch), out_dim, rank, dtype=dtype)
+    big_down = torch.empty(len(batch), rank, in_dim, dtype=dtype)
+    for i, job in enumerate(batch):
+        start = 0
+        for _, adapter, weight in job.parts:
+            up, down = adapter.factors()
+            stop = start + up.shape[1]
+            torch.mul(up, weight, out=big_up[i, :, start:stop])
+            big_down[i, start:stop].copy_(down)
+            start = stop
+    return big_up, big_down
 
 
 def _batches(jobs: Iterable[LayerJob]) -> Iterator[list[LayerJob]]:
@@ -177,11 +192,11 @@ def _batches(jobs: Iterable[LayerJob]) -> Iterator[list[LayerJob]]:
 
 
 def _merge_factored_batch(batch: list[LayerJob], settings: MergeSettings) -> list[LayerResult]:
-    stacked = [_stacked(job, settings.dtype) for job in batch]
-    big_up = torch.stack([b for b, _ in stacked]).to(settings.device)
-    big_down = torch.stack([a for _, a in stacked]).to(settings.device)
+    big_up, big_down = _fill_batch(batch, settings.dtype)
+    big_up, big_down = big_up.to(settings.device), big_down.to(settings.device)
     svd = factored_svd(big_up, big_down, dtype=settings.dtype)
-    totals = lowrank_fro_norm_sq(big_up, big_down)  # exact ‖M‖², independent of the SVD
+    # The factored SVD returns the whole spectrum (min(R, out, in) values): Σσ² is the exact ‖M‖_F².
+    totals = svd.S.double().square().sum(dim=-1)
     results = []
     for i, job in enumerate(batch):
         S = svd.S[i]
@@ -210,9 +225,15 @@ def merged_delta(job: LayerJob, settings: MergeSettings) -> torch.Tensor:
     out_dim, in_dim = job.shape[0], math.prod(job.shape[1:])
     deltas = [torch.zeros(out_dim, in_dim, device=settings.device, dtype=settings.dtype)] * job.n_inputs
     weights = [1.0] * job.n_inputs
+    seen: set[int] = set()
     for slot, adapter, weight in job.parts:
-        deltas[slot] = adapter.delta(job.shape).reshape(out_dim, in_dim).to(settings.device, settings.dtype)
-        weights[slot] = weight
+        delta = adapter.delta(job.shape).reshape(out_dim, in_dim).to(settings.device, settings.dtype)
+        if slot in seen:
+            # Several modules of one file on this weight (e.g. q, k, v slices of a fused qkv): one task tensor.
+            deltas[slot] = deltas[slot] + delta * (weight / weights[slot])
+        else:
+            deltas[slot], weights[slot] = delta, weight
+            seen.add(slot)
     ctx = MergeContext(density=settings.density, sign_method=settings.sign_method, seed=settings.seed, name=job.name)
     return merge_tensors(settings.mode, deltas, weights, ctx)
 
@@ -226,7 +247,7 @@ def _merge_dense(job: LayerJob, settings: MergeSettings) -> LayerResult:
         U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
         method = "exact"
     else:
-        seed = generator_for(settings.seed, job.name + "#rsvd").initial_seed()
+        seed = stable_seed(settings.seed, job.name + "#rsvd")
         U, S, Vh = randomized_svd(merged, cap, oversample=settings.oversample, n_iter=settings.power_iters,
                                   generator=seeded_generator(seed, merged.device))
         method = "randomized"
@@ -251,10 +272,14 @@ def _merged_bias(job: LayerJob, settings: MergeSettings) -> torch.Tensor | None:
     out_dim = job.shape[0]
     biases = [torch.zeros(out_dim)] * job.n_inputs
     weights = [1.0] * job.n_inputs
+    seen: set[int] = set()
     for slot, adapter, weight in job.parts:
-        if adapter.bias_delta is not None:
-            biases[slot] = adapter.bias_delta.float().reshape(out_dim)
-        weights[slot] = weight
+        bias = adapter.bias_delta.float().reshape(out_dim) if adapter.bias_delta is not None else torch.zeros(out_dim)
+        if slot in seen:
+            biases[slot] = biases[slot] + bias * (weight / weights[slot])
+        else:
+            biases[slot], weights[slot] = bias, weight
+            seen.add(slot)
     ctx = MergeContext(density=settings.density, sign_method=settings.sign_method, seed=settings.seed,
                        name=job.name + "#bias")
     return merge_tensors(settings.mode, biases, weights, ctx)

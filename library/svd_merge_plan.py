@@ -1,0 +1,130 @@
+"""svd_merge_lora.py between files and the engine: inputs grouped per canonical target, engine jobs,
+merged modules back in any output format, and the per-layer report.
+
+Grouping is lora_combine.group_targets (shared with merge_lora.py): inputs must share a family, block
+weights multiply the ratios, DoRA is refused, and where files cut one fused weight differently (Flux qkv
+in one file, q/k/v in another) every term moves onto the whole weight, zero rows elsewhere (exact).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import torch
+
+from library.formats.types import Module
+from library.lora_combine import Group, Term, _padded
+from library.svd_merge import LayerJob, LayerResult
+
+
+class PlacedAdapter:
+    """An adapter on rows [a, b) of a larger target, seen by the engine as one on the whole target.
+
+    Only what the engine reads: kind, rank, dora, bias_delta, factors(), delta(), describe(). The rows
+    outside [a, b) are zero, so factors and delta stay exact; a LoRA's own bias (`lora_up.bias`) gets the
+    alpha/rank scale that lora_combine recorded for it.
+    """
+
+    def __init__(self, term: Term, total_rows: int):
+        self.inner = term.adapter
+        self.rows = term.rows
+        self.total = total_rows
+        self.kind = self.inner.kind
+        self.dora = self.inner.dora
+        self.name = self.inner.name
+        bias = self.inner.bias_delta
+        self.bias_delta = None if bias is None else _padded(bias.float().reshape(-1) * term.bias_scale, self.rows,
+                                                            total_rows)
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        up, down = self.inner.factors()
+        return _padded(up, self.rows, self.total), down
+
+    def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
+        part = self.inner.delta((self.rows[1] - self.rows[0], *shape[1:]))
+        return _padded(part, self.rows, self.total)
+
+    def describe(self) -> str:
+        whole = self.rows == (0, self.total)
+        return self.inner.describe() + ("" if whole else f" rows {self.rows[0]}:{self.rows[1]}")
+
+
+def jobs_from_groups(groups: list[Group], n_inputs: int) -> list[LayerJob]:
+    jobs = []
+    for group in groups:
+        total = group.target.shape[0]
+        parts = []
+        for term in group.terms:
+            plain = term.rows == (0, total) and term.bias_scale == 1.0
+            parts.append((term.slot, term.adapter if plain else PlacedAdapter(term, total), term.weight))
+        jobs.append(LayerJob(group.target.describe(), tuple(group.target.shape), parts, n_inputs))
+    return jobs
+
+
+def modules_from_results(groups: list[Group], results: dict[str, LayerResult]) -> list[Module]:
+    """Merged LoRA modules on the groups' targets: down, up, alpha (rank·scale, stored as float32) and bias."""
+    modules = []
+    for group in groups:
+        result = results[group.target.describe()]
+        tensors = {"lora_down.weight": result.down.contiguous(), "lora_up.weight": result.up.contiguous(),
+                   "alpha": torch.tensor(result.alpha, dtype=torch.float32)}
+        if result.bias is not None:
+            tensors["diff_b"] = result.bias
+        modules.append(Module(group.target, tensors, group.target.describe()))
+    return modules
+
+
+def storage_dtype(loras) -> torch.dtype:
+    """The widest float dtype among the inputs' adapter tensors: merging fp16 with fp32 keeps fp32."""
+    widest = None
+    for lora in loras:
+        for module in lora.modules:
+            for suffix, t in module.tensors.items():
+                if suffix == "alpha" or not t.is_floating_point():
+                    continue
+                if widest is None or t.element_size() > widest.itemsize:
+                    widest = t.dtype
+    return widest or torch.float32
+
+
+def summary(results: dict[str, LayerResult]) -> dict:
+    reports = [r.report for r in results.values()]
+    errors = [r["rel_error"] for r in reports]
+    energies = [r["energy_retained"] for r in reports]
+    ranks = [r["rank_out"] for r in reports]
+    routes: dict[str, int] = {}
+    for r in reports:
+        routes[r["route"]] = routes.get(r["route"], 0) + 1
+    worst = max(reports, key=lambda r: r["rel_error"], default=None)
+    return {
+        "layers": len(reports),
+        "routes": routes,
+        "rank_out_min": min(ranks, default=0),
+        "rank_out_max": max(ranks, default=0),
+        "rel_error_mean": statistics.fmean(errors) if errors else 0.0,
+        "rel_error_max": max(errors, default=0.0),
+        "worst_layer": worst["target"] if worst else None,
+        "energy_retained_mean": statistics.fmean(energies) if energies else 1.0,
+        "energy_retained_min": min(energies, default=1.0),
+    }
+
+
+def layer_line(report: dict) -> str:
+    return (f"{report['target']}: rank {report['rank_in']} -> {report['rank_out']}, "
+            f"energy retained {report['energy_retained']:.6f}, relative error {report['rel_error']:.3e} "
+            f"[{report['route']}]")
+
+
+def write_report(path: str, results: dict[str, LayerResult], extra: dict) -> None:
+    def clean(value):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    layers = [{k: clean(v) for k, v in r.report.items()} for r in results.values()]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**extra, "summary": summary(results), "layers": layers}, f, indent=1, default=str)
