@@ -291,21 +291,44 @@ def _canonical_base(reader, job: _Job, full: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def update_tensor(weight: torch.Tensor, delta: torch.Tensor, rows: tuple[int, int] | None, *,
+def touched_rows(job: _Job, p: Placement, full_rows: int) -> list[tuple[int, int]]:
+    """Row ranges of the checkpoint tensor of placement `p` that some module changes (merged, sorted).
+
+    Rows no module covers are left as stored: bit-identical, and no time spent adding zeros (a diffusers
+    `to_k` LoRA touches 3072 of linear1's 21504 rows)."""
+    t0, t1 = p.target_rows or (0, full_rows)
+    c0 = p.checkpoint_rows[0] if p.checkpoint_rows else 0
+    if p.swap:
+        return [(c0, c0 + t1 - t0)]
+    spans = sorted((max(a, t0), min(b, t1)) for a, b in (w.module.target.full_rows for w in job.items)
+                   if min(b, t1) > max(a, t0))
+    merged: list[list[int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(c0 + a - t0, c0 + b - t0) for a, b in merged]
+
+
+def update_tensor(weight: torch.Tensor, delta: torch.Tensor, rows: Sequence[tuple[int, int]], *,
                   compute_dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device,
                   on_stats: Callable[[float, float, int], None]) -> torch.Tensor:
-    """`weight` with `delta` added to `rows` (all rows when None), in row chunks, stored as `out_dtype`."""
+    """`weight` with `delta` added to the given checkpoint row ranges, in row chunks, stored as `out_dtype`.
+
+    `delta` covers the rows from the first range's start on (the placement's rows)."""
     out = weight.clone() if out_dtype == weight.dtype else cast_clamped(weight, out_dtype)
-    r0, r1 = rows or (0, weight.shape[0])
+    origin = rows[0][0] if rows else 0
     per_row = max(1, math.prod(weight.shape[1:]))
     step = max(1, ROW_CHUNK_ELEMENTS // per_row)
-    for a in range(r0, r1, step):
-        b = min(a + step, r1)
-        piece = weight[a:b].to(device)
-        new, st = add_delta(piece, delta[a - r0:b - r0].reshape(piece.shape), compute_dtype=compute_dtype,
-                            out_dtype=out_dtype)
-        out[a:b] = new.to(out.device)
-        on_stats(st.intended_norm ** 2, st.error_norm ** 2, st.clamped)
+    for r0, r1 in rows:
+        for a in range(r0, r1, step):
+            b = min(a + step, r1)
+            piece = weight[a:b].to(device)
+            new, st = add_delta(piece, delta[a - origin:b - origin].reshape(piece.shape), compute_dtype=compute_dtype,
+                                out_dtype=out_dtype)
+            out[a:b] = new.to(out.device)
+            on_stats(st.intended_norm ** 2, st.error_norm ** 2, st.clamped)
     return out
 
 
@@ -352,8 +375,11 @@ def apply_to_checkpoint(reader, layout: CheckpointLayout, items: Sequence[Weight
             piece = delta[r0:r1]
             if p.swap:
                 piece = _swap(piece)
+            rows = touched_rows(job, p, full[0])
+            c0 = p.checkpoint_rows[0] if p.checkpoint_rows else 0
+            piece = piece[rows[0][0] - c0:] if rows else piece
             weight = reader.get(key)
-            new = update_tensor(weight, piece, p.checkpoint_rows, compute_dtype=compute_dtype, out_dtype=specs[key][0],
+            new = update_tensor(weight, piece, rows, compute_dtype=compute_dtype, out_dtype=specs[key][0],
                                 device=device, on_stats=lambda i, e, c, k=key: stats.add(k, i, e, c))
             writer.write(key, new.cpu())
             del weight, new, piece
