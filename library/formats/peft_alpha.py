@@ -35,35 +35,74 @@ class PeftAlphas:
 
     def alpha_for(self, prefix: str, path: str) -> float | None:
         """The lora_alpha of module `path` under a key prefix like `unet.`, or None when not recorded."""
-        config = self.configs.get(prefix.rstrip("."), self.configs.get(""))
+        name = prefix.rstrip(".")
+        config = self.configs.get(name, self.configs.get(""))
         if not config:
             return None
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
-            try:
-                if re.fullmatch(rf"(.*\.)?{pattern}", path):
-                    return float(value)
-            except re.error:
-                if path == pattern or path.endswith("." + pattern):
-                    return float(value)
+        hit = self._patterns(name if name in self.configs else "").first(path)
+        if hit is not None:
+            return float(hit)
         alpha = config.get("lora_alpha")
         return float(alpha) if alpha is not None else None
 
+    def _patterns(self, name: str) -> _Patterns:
+        cache = self.__dict__.setdefault("_cache", {})
+        if name not in cache:
+            cache[name] = _Patterns(self.configs[name].get("alpha_pattern") or {})
+        return cache[name]
+
+
+class _Patterns:
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern `p`, in stored order, for which
+    `(.*\\.)?(p)$` matches the module name. Escaped literals (what we write) are looked up by the
+    name's dotted suffixes instead of running thousands of regexes."""
+
+    def __init__(self, patterns: Mapping[str, object]):
+        self.literal: dict[str, tuple[int, object]] = {}
+        self.regex: list[tuple[int, re.Pattern | None, str, object]] = []
+        for order, (pattern, value) in enumerate(patterns.items()):
+            plain = re.sub(r"\\(.)", r"\1", pattern)
+            if re.escape(plain) == pattern:
+                self.literal.setdefault(plain, (order, value))
+            else:
+                try:
+                    self.regex.append((order, re.compile(rf"(.*\.)?({pattern})"), pattern, value))
+                except re.error:
+                    self.regex.append((order, None, pattern, value))
+
+    def first(self, path: str) -> object | None:
+        parts = path.split(".")
+        found = [self.literal[s] for s in (".".join(parts[i:]) for i in range(len(parts))) if s in self.literal]
+        for order, compiled, pattern, value in self.regex:
+            if compiled.fullmatch(path) if compiled else path == pattern or path.endswith("." + pattern):
+                found.append((order, value))
+                break
+        return min(found, key=lambda f: f[0])[1] if found else None
+
 
 def adapter_metadata(entries: Mapping[str, Mapping[str, tuple[int, float]]]) -> str:
-    """`lora_adapter_metadata` for adapter name -> module path -> (rank, alpha).
+    r"""`lora_adapter_metadata` for adapter name -> module path -> (rank, alpha).
 
-    The most common rank and alpha become `r` / `lora_alpha`; the others go to the patterns, with
-    regex characters escaped so that each pattern names exactly one module.
+    The most common rank and alpha become `r` / `lora_alpha`; the others go to the patterns. PEFT takes
+    the first pattern `p` (in stored order) with `(.*\.)?p$` matching a module name, so patterns are
+    regex-escaped, stored longest first, and a module whose name ends with another module's pattern
+    (`single_transformer_blocks.0.proj_out` vs top-level `proj_out`) gets its own entry even when it has
+    the default value. A leading `text_model.` is left out: transformers >= 5 CLIP models lack it (§2.7).
     """
     out: dict[str, object] = {}
     for adapter, modules in entries.items():
-        ranks = [r for r, _ in modules.values()]
-        alphas = [a for _, a in modules.values()]
-        r0 = max(set(ranks), key=ranks.count)
-        a0 = max(set(alphas), key=alphas.count)
-        out[f"{adapter}.r"] = r0
-        out[f"{adapter}.lora_alpha"] = a0
-        out[f"{adapter}.rank_pattern"] = {re.escape(p): r for p, (r, _) in sorted(modules.items()) if r != r0}
-        out[f"{adapter}.alpha_pattern"] = {re.escape(p): a for p, (_, a) in sorted(modules.items()) if a != a0}
-        out[f"{adapter}.target_modules"] = sorted(modules)
-    return json.dumps(out, sort_keys=True)
+        for index, field in ((0, "rank"), (1, "alpha")):
+            values = [v[index] for v in modules.values()]
+            default = max(set(values), key=values.count)
+            out[f"{adapter}.{'r' if field == 'rank' else 'lora_alpha'}"] = default
+            out[f"{adapter}.{field}_pattern"] = _patterns({p: v[index] for p, v in modules.items()}, default)
+        out[f"{adapter}.target_modules"] = sorted(p.removeprefix("text_model.") for p in modules)
+    return json.dumps(out)
+
+
+def _patterns(values: Mapping[str, float], default: float) -> dict[str, float]:
+    names = {p: p.removeprefix("text_model.") for p in values}
+    chosen = {p for p, v in values.items() if v != default}
+    shadowed = {q for q in values if any(names[q].endswith("." + names[p]) for p in chosen if p != q)}
+    ordered = sorted(chosen | shadowed, key=lambda p: (-len(names[p]), names[p]))
+    return {re.escape(names[p]): values[p] for p in ordered}
