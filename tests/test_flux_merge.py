@@ -352,3 +352,46 @@ def test_other_family_is_a_clear_error(tmp_path):
     with pytest.raises(LoraToolsError):
         run(["--models", str(tmp_path / "f2.safetensors"), "--save_to", str(tmp_path / "z.safetensors")])
     assert not (tmp_path / "z.safetensors").exists()
+
+
+def test_diffusers_fuse_lora_oracle(tmp_path):
+    """Our merge into a diffusers-layout checkpoint equals diffusers' own load_lora_into_transformer + merge on a
+    FluxTransformer2DModel built from a config (full widths, one block of each kind, weights only where needed)."""
+    pytest.importorskip("peft")
+    diffusers = pytest.importorskip("diffusers")
+    from accelerate import init_empty_weights
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cfg = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
+    with init_empty_weights():
+        model = diffusers.FluxTransformer2DModel.from_config(cfg)
+    g = _gen(11)
+    present = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+               "transformer_blocks.0.attn.to_out.0", "norm_out.linear"]
+    ckpt = {}
+    for name in present:
+        m = model.get_submodule(name)
+        for kind in ("weight", "bias"):
+            value = torch.randn(getattr(m, kind).shape, generator=g) * 0.05
+            setattr(m, kind, torch.nn.Parameter(value.clone(), requires_grad=False))
+            ckpt[f"{name}.{kind}"] = value
+    save_tensors(tmp_path / "transformer.safetensors", ckpt)
+    changed = {"transformer_blocks.0.attn.to_q": (H, H), "transformer_blocks.0.attn.to_out.0": (H, H),
+               "norm_out.linear": (2 * H, H)}
+    peft_lora(tmp_path / "lora.safetensors", changed, seed=12)
+    run(["--flux_model", str(tmp_path / "transformer.safetensors"), "--models", str(tmp_path / "lora.safetensors"),
+         "--save_to", str(tmp_path / "ours.safetensors"), "--working_device", "cpu"])
+    ours, _ = load_tensors(tmp_path / "ours.safetensors")
+
+    state, alphas = diffusers.FluxPipeline.lora_state_dict(str(tmp_path / "lora.safetensors"), return_alphas=True)
+    diffusers.FluxPipeline.load_lora_into_transformer(state, network_alphas=alphas, transformer=model)
+    for name, m in model.named_modules():
+        if isinstance(m, BaseTunerLayer) and name in changed:
+            m.merge()
+    for name in changed:
+        theirs = model.get_submodule(name).base_layer.weight.detach()
+        assert torch.allclose(ours[f"{name}.weight"], theirs, rtol=0, atol=1e-6), name
+        assert torch.equal(ours[f"{name}.bias"], ckpt[f"{name}.bias"])
+    for name in ("transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"):
+        assert torch.equal(ours[f"{name}.weight"], ckpt[f"{name}.weight"])
