@@ -57,7 +57,7 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from library.formats import read_lora, save_lora
+    from library.formats import WRITE_FORMATS, read_lora, save_lora
 
     device = resolve_device(args.device)
     save_to = prepare_output(args.save_to, [args.model], args)
@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> dict:
     reports = [results[job.name].report for job in kept_jobs]
     old_ranks = [job.adapter.rank for job in kept_jobs if job.adapter.rank]
     metadata = resize_metadata(lora, reports, old_ranks, args, save_to)
-    out_format = args.format or ("kohya" if lora.format in ("lycoris",) else lora.format)
+    out_format = args.format or (lora.format if lora.format in WRITE_FORMATS else "kohya")
     save_lora(save_to, modules, family=lora.family, fmt=out_format, metadata=metadata, save_dtype=save_dtype,
               inputs=[args.model], overwrite=args.overwrite)
     summary = summarize(reports)

@@ -52,9 +52,9 @@ class LoKrAdapter(Adapter):
 
     def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         w1, w2 = self._w1(), self._w2()
-        if w2.dim() == 2 and shape is not None and len(shape) == 4 and shape[2:] != (1, 1):
-            # Decomposed conv w2 is stored flattened [c, d·kh·kw]; restore its kernel before the product.
-            w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+        # A decomposed conv w2 is stored flattened [b, d·kh·kw]: the 2-D kron reshaped to the weight's shape equals
+        # the 4-D kron when d·kh·kw splits, and also covers files whose w2 columns do not split by the kernel
+        # (LyCORIS' smart_falcon LoKr: w1 [20, 60], w2 [16, 48] on a 320×320×3×3 conv), as ComfyUI computes it.
         while w1.dim() < w2.dim():
             w1 = w1.unsqueeze(-1)
         return reshape_to(torch.kron(w1, w2) * self.scale, shape, self.name)
