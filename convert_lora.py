@@ -29,13 +29,19 @@ def setup_parser() -> argparse.ArgumentParser:
                         help="model family, when detection cannot tell (it never guesses)")
     parser.add_argument("--allow_unmatched", action="store_true",
                         help="drop keys that map to no module of the family (they are listed) instead of failing")
+    parser.add_argument("--fix_split_qkv_alpha", action="store_true",
+                        help="for files trained by sd-scripts with split_qkv=True: multiply the alpha of the fused "
+                             "qkv/linear1 modules by 3 or 4 so they act as trained (sd-scripts issue 2204)")
     add_common_args(parser, device=False, precision=False)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
     out = prepare_output(args.output, [args.input], args, flag="OUTPUT")
-    lora = read_lora(args.input, family=args.family, allow_unmatched=args.allow_unmatched)
+    lora = read_lora(args.input, family=args.family, allow_unmatched=args.allow_unmatched,
+                     fix_split_qkv_alpha=args.fix_split_qkv_alpha)
+    for note in lora.notes:
+        warn(note)
     if lora.unmatched:
         warn(f"dropped {len(lora.unmatched)} key(s) that map to no {lora.family} module: "
              f"{', '.join(lora.unmatched[:20])}{' …' if len(lora.unmatched) > 20 else ''}")

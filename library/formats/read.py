@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
@@ -9,6 +10,7 @@ import torch
 
 from library.checks import NonFiniteTracker
 from library.errors import LoraToolsError
+from library.formats.family import Family
 from library.formats.match import FileMatch, detect, format_of
 from library.formats.peft_alpha import PeftAlphas
 from library.formats.regroup import swap_halves
@@ -19,11 +21,12 @@ from networks.base import DoraMagnitude
 MAX_LISTED = 20
 
 
-def read_lora(path: str | os.PathLike, family: str | None = None, allow_unmatched: bool = False) -> LoraFile:
+def read_lora(path: str | os.PathLike, family: str | None = None, allow_unmatched: bool = False, *,
+              fix_split_qkv_alpha: bool = False) -> LoraFile:
     """Load a LoRA file of any supported format; every module becomes a `Module` on a canonical `Target`.
 
     Keys that map to no target are an error listing them, unless `allow_unmatched` (then they are
-    recorded in `LoraFile.unmatched`).
+    recorded in `LoraFile.unmatched`). `fix_split_qkv_alpha`: see `split_qkv_alpha`.
     """
     tensors, metadata = load_tensors(path)
     # NaN/inf in a LoRA would spread into every merge and checkpoint made from it: name them once, here.
@@ -31,7 +34,8 @@ def read_lora(path: str | os.PathLike, family: str | None = None, allow_unmatche
     for key, tensor in tensors.items():
         nonfinite.check(key, tensor)
     nonfinite.warn()
-    return lora_from_tensors(tensors, metadata, family, allow_unmatched, path=os.fspath(path))
+    return lora_from_tensors(tensors, metadata, family, allow_unmatched, path=os.fspath(path),
+                             fix_split_qkv_alpha=fix_split_qkv_alpha)
 
 
 def unmatched_message(keys: list[str]) -> str:
@@ -41,7 +45,8 @@ def unmatched_message(keys: list[str]) -> str:
 
 
 def lora_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                      family: str | None = None, allow_unmatched: bool = False, path: str = "") -> LoraFile:
+                      family: str | None = None, allow_unmatched: bool = False, path: str = "", *,
+                      fix_split_qkv_alpha: bool = False) -> LoraFile:
     metadata = dict(metadata or {})
     fm = detect({k: tuple(v.shape) for k, v in tensors.items()}, metadata, family, path or None)
     if fm.unmatched and not allow_unmatched:
@@ -50,7 +55,66 @@ def lora_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
         raise LoraToolsError(f"no module of this file fits the {fm.family.name} family", file=path or None)
     fmt = format_of(fm, list(tensors))
     modules = _modules(fm, tensors, PeftAlphas(metadata), path)
-    return LoraFile(path, fm.family.name, fmt, modules, metadata, list(fm.unmatched))
+    notes = split_qkv_alpha(modules, fm.family, metadata, fix_split_qkv_alpha)
+    return LoraFile(path, fm.family.name, fmt, modules, metadata, list(fm.unmatched), notes)
+
+
+def _trained_with_split_qkv(metadata: Mapping[str, str]) -> bool:
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except ValueError:
+        return False
+    return isinstance(args, dict) and str(args.get("split_qkv", "")).lower() == "true"
+
+
+def split_qkv_alpha(modules: list[Module], family: Family, metadata: Mapping[str, str], fix: bool) -> list[str]:
+    """sd-scripts' `split_qkv=True` saves fused q/k/v (and linear1) LoRAs at rank n·r but keeps alpha,
+    so every loader applies α/(n·r) instead of α/r (sd-scripts#2204, formats.md §3.3). Only the metadata
+    reveals it. By default we reproduce what loaders do and say so; with `fix`, alpha is multiplied by n
+    on the fused modules whose up factor is block diagonal (the layout split_qkv writes).
+    """
+    if not _trained_with_split_qkv(metadata):
+        return []
+    fused = []
+    for module in modules:
+        if module.target.rows is not None or "lora_up.weight" not in module.tensors:
+            continue
+        parts = _parts(family, module.target)
+        if len(parts) > 1 and _block_diagonal(module.tensors["lora_up.weight"], parts):
+            fused.append((module, len(parts)))
+    if not fused:
+        return []
+    if fix:
+        for module, n in fused:
+            alpha = module.tensors.get("alpha")
+            rank = float(module.tensors["lora_down.weight"].shape[0])
+            value = float(alpha) if alpha is not None and float(alpha) != 0 else rank
+            module.tensors = dict(module.tensors, alpha=torch.tensor(value * n, dtype=torch.float32))
+        return [f"split_qkv=True: multiplied alpha of {len(fused)} fused qkv/linear1 modules by their part count "
+                "(sd-scripts#2204)"]
+    return [f"split_qkv=True: {len(fused)} fused qkv/linear1 modules carry an alpha that loaders apply 3-4x too "
+            "weakly (sd-scripts#2204); kept as is, pass --fix_split_qkv_alpha to correct it"]
+
+
+def _parts(family: Family, target: Target) -> list[tuple[int, int]]:
+    for naming in family.namings.get(target.component, ()):
+        slots = family.table.by_key[naming].get(target.key, [])
+        if len(slots) > 1:
+            return [s.rows for _, s in slots]
+    return []
+
+
+def _block_diagonal(up: torch.Tensor, parts: list[tuple[int, int]]) -> bool:
+    rank = up.shape[1]
+    if rank % len(parts):
+        return False
+    width = rank // len(parts)
+    for i, (s, e) in enumerate(parts):
+        block = up[s:e].clone()
+        block[:, i * width:(i + 1) * width] = 0
+        if block.any():
+            return False
+    return True
 
 
 def _modules(fm: FileMatch, tensors: Mapping[str, torch.Tensor], alphas: PeftAlphas, path: str) -> list[Module]:

@@ -56,3 +56,4 @@ class LoraFile:
     modules: list[Module]
     metadata: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)  # keys dropped with allow_unmatched
+    notes: list[str] = field(default_factory=list)  # things the user should know (e.g. split_qkv alpha)

@@ -56,19 +56,23 @@ def lora_tensors(modules: Iterable[Module], family: str, fmt: str, notes: list[s
         full = table.shapes[key]
         placed = place(mods, slots, full, key)
         if notes is not None and (len(placed) != len(mods) or any(t is not m.tensors for (_, _, t), m in zip(placed, mods))):
-            notes.append(f"{', '.join(m.source for m in mods)} -> {', '.join(spec.prefix + p for p, _, _ in placed)}"
+            notes.append(f"{', '.join(m.source for m in mods)} -> {', '.join(_name(spec, p) for p, _, _ in placed)}"
                          f" ({_describe(placed)})")
         for path, slot, tensors in placed:
             shape = _slot_shape(slot, full)
             if slot.swap:
                 tensors = swap_halves(tensors, shape, path)
-            name = spec.prefix + (path.replace(".", "_") if spec.flat else path)
+            name = _name(spec, path)
             _emit(out, name, path, tensors, spec, peft)
     extra: dict[str, str] = {}
     if peft:
         extra[PEFT_METADATA_KEY] = adapter_metadata(peft)
         extra["format"] = "pt"
     return out, extra
+
+
+def _name(spec: WriteSpec, path: str) -> str:
+    return spec.prefix + (path.replace(".", "_") if spec.flat else path)
 
 
 def _describe(placed) -> str:
