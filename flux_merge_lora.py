@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from library.cli import (
     add_common_args,
@@ -23,22 +24,16 @@ from library.cli import (
     warn,
 )
 from library.errors import LoraToolsError
-from library.flux_combine import MODES, CombineSettings, combine, shuffle
-from library.flux_merge import (
-    FAMILY,
-    TEXT_ENCODERS,
-    Weighted,
-    apply_to_checkpoint,
-    flux_layout,
-    read_flux_lora,
-    text_encoder_layout,
-    weighted_modules,
-)
-from library.formats import WRITE_FORMATS, save_lora
+from library.flux_merge import FAMILY, TEXT_ENCODERS, flux_layout, part_of, read_flux_lora, text_encoder_layout
+from library.formats import WRITE_FORMATS, lora_tensors
+from library.lora_combine import MODES as FACTOR_MODES
+from library.merge_plan import LoraInput
 from library.metadata import lora_metadata, minimal_metadata, modelspec, provenance, title_of
-from library.safetensors_io import open_checkpoint, parse_dtype
+from library.safetensors_io import cast_clamped, open_checkpoint, parse_dtype, save_tensors
 
 SCRIPT = "flux_merge_lora.py"
+SVD_MODES = ("svd", "add_svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+MODES = (*FACTOR_MODES, *SVD_MODES)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -94,48 +89,101 @@ def _mode(args) -> str:
     return args.mode or "concat"
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> dict:
     ratios = _ratios(args)
     into_model = any((args.flux_model, args.clip_l, args.t5xxl))
-    mode = _mode(args)
-    if into_model and (args.mode or args.shuffle):
+    if into_model and (args.mode or args.concat or args.shuffle):
         raise LoraToolsError("--mode/--concat/--shuffle are for merging LoRAs into one LoRA (without --flux_model)")
     for flag, out in (("clip_l", "clip_l_save_to"), ("t5xxl", "t5xxl_save_to")):
         if bool(getattr(args, flag)) != bool(getattr(args, out)):
             raise LoraToolsError(f"--{flag} and --{out} go together")
     device = resolve_device(args.working_device)
-    loras = [read_flux_lora(path, args.allow_unmatched) for path in progress(args.models, desc="reading LoRAs")]
-    for lora in loras:
-        print(f"{lora.path}: {lora.format}, {len(lora.modules)} modules", file=sys.stderr)
+    inputs = []
+    for path, ratio in zip(args.models, ratios, strict=True):
+        lora = read_flux_lora(path, args.allow_unmatched)
+        comps = sorted({m.target.component for m in lora.modules})
+        print(f"{path}: FLUX.1 {lora.format} LoRA, {len(lora.modules)} modules ({', '.join(comps)})", file=sys.stderr)
         if lora.unmatched:
-            warn(f"{lora.path}: {len(lora.unmatched)} keys match nothing and are skipped (--allow_unmatched)")
-    items = weighted_modules(loras, ratios)
+            warn(f"{path}: {len(lora.unmatched)} keys match nothing and are skipped (--allow_unmatched)")
+        inputs.append(LoraInput(path, lora, ratio))
     if into_model:
-        merge_into_models(args, loras, items, device)
-    else:
-        merge_into_lora(args, loras, items, mode, device)
+        return merge_into_models(args, inputs, device)
+    return merge_into_lora(args, inputs, _mode(args), device, args.save_to, args.format)
 
 
-def merge_into_lora(args, loras, items: list[Weighted], mode: str, device) -> None:
-    save_to = prepare_output(args.save_to, args.models, args)
-    settings = CombineSettings(mode, args.new_rank, args.density, args.majority_sign_method, args.seed, device)
-    modules = combine(items, FAMILY, settings, len(loras), progress=progress)
-    if args.shuffle:
-        modules = shuffle(modules, args.seed)
-    ranks = [int(m.tensors["lora_down.weight"].shape[0]) for m in modules if "lora_down.weight" in m.tensors]
-    alphas = [float(m.tensors["alpha"]) for m in modules if "alpha" in m.tensors]
+# ---------------------------------------------------------------------------------------------------------
+# LoRAs into one LoRA
+
+
+def combined_modules(inputs: list[LoraInput], mode: str, args, device) -> tuple[list, list[int], list[float], str]:
+    """(modules, ranks, alphas, summary line) through merge_lora's or svd_merge_lora's engine."""
+    from library.lora_combine import combine, group_targets
+
+    _family, groups = group_targets(inputs)
+    if not groups:
+        raise LoraToolsError("nothing to merge: every module has strength 0")
+    if mode in SVD_MODES:
+        from library.svd_merge import MergeSettings, merge_layers
+        from library.svd_merge_plan import jobs_from_groups, modules_from_results, summary
+
+        if args.new_rank is None:
+            raise LoraToolsError(f"--mode {mode} needs --new_rank")
+        settings = MergeSettings(mode="add" if mode == "svd" else mode, new_rank=args.new_rank, density=args.density,
+                                 sign_method=args.majority_sign_method, seed=args.seed, device=device)
+        results = merge_layers(jobs_from_groups(groups, len(inputs)), settings)
+        st = summary(results)
+        line = (f"relative error vs the exact merged delta: mean {st['rel_error_mean']:.3g}, "
+                f"max {st['rel_error_max']:.3g} ({st['worst_layer']})")
+        return (modules_from_results(groups, results), [r.report["rank_out"] for r in results.values()],
+                [r.alpha for r in results.values()], line)
+    modules, reports = combine(groups, mode, density=args.density, sign_method=args.majority_sign_method,
+                               seed=args.seed, shuffle=args.shuffle)
+    ranks = [r.rank for r in reports if r.rank is not None]
+    errors = [r.relative_error for r in reports if r.kind == "lora" and r.relative_error is not None]
+    line = "exact" if mode == "concat" else (
+        f"approximate: relative error of the merged delta mean {sum(errors) / max(len(errors), 1):.3g}, "
+        f"max {max(errors, default=0):.3g} (the svd modes work in delta space)")
+    return modules, ranks, [float(r) for r in ranks], line
+
+
+def _storage_dtype(inputs: list[LoraInput]):
+    import torch
+
+    for inp in inputs:
+        for m in inp.lora.modules:
+            for suffix, t in m.tensors.items():
+                if suffix != "alpha" and t.is_floating_point():
+                    return t.dtype
+    return torch.float32
+
+
+def merge_into_lora(args, inputs: list[LoraInput], mode: str, device, save_to: str | None, fmt: str,
+                    label: str = "merged") -> dict:
+    save_to = prepare_output(save_to, args.models, args)
+    modules, ranks, alphas, line = combined_modules(inputs, mode, args, device)
     comps = sorted({m.target.component for m in modules})
-    print(f"{len(modules)} merged modules ({', '.join(comps)}), mode {mode}, format {args.format}", file=sys.stderr)
+    print(f"{label}: {len(modules)} modules ({', '.join(comps)}), mode {mode}, format {fmt}: {line}", file=sys.stderr)
     if args.dry_run:
-        return
-    meta = lora_metadata(loras[0].metadata, family=FAMILY, ranks=ranks, alphas=alphas, save_to=save_to,
-                         merged_from=[title_of(lo.path, lo.metadata) for lo in loras])
-    meta.update(provenance(SCRIPT, args, args.models, seed=args.seed if args.shuffle or "dare" in mode else None))
+        return {"modules": modules}
+    tensors, extra = lora_tensors(modules, FAMILY, fmt)
+    save_dtype = parse_dtype(args.save_precision) if args.save_precision else _storage_dtype(inputs)
+    # alphas stay float32: a summed rank is not always exact in bf16
+    tensors = {k: v if k.endswith(".alpha") or not v.is_floating_point() else cast_clamped(v, save_dtype).contiguous()
+               for k, v in tensors.items()}
+    seeded = args.shuffle or "dare" in mode or mode in SVD_MODES
+    meta = lora_metadata(inputs[0].lora.metadata, family=FAMILY, ranks=ranks or [0], alphas=alphas or [0],
+                         save_to=save_to, merged_from=[title_of(i.path, i.lora.metadata) for i in inputs],
+                         extra=provenance(SCRIPT, args, args.models, seed=args.seed if seeded else None))
+    meta.update(extra)
     if args.no_metadata:
         meta = minimal_metadata(meta)
-    save_lora(save_to, modules, family=FAMILY, fmt=args.format, metadata=meta,
-              save_dtype=parse_dtype(args.save_precision), inputs=args.models, overwrite=args.overwrite)
+    save_tensors(save_to, tensors, meta, inputs=args.models, overwrite=args.overwrite, kohya_hashes=True)
     print(f"saved {save_to}", file=sys.stderr)
+    return {"modules": modules, "save_to": save_to}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRAs into checkpoints
 
 
 def _te_side_path(save_to: str) -> str:
@@ -143,69 +191,77 @@ def _te_side_path(save_to: str) -> str:
     return stem + "_te_lora.safetensors"
 
 
-def merge_into_models(args, loras, items: list[Weighted], device) -> None:
-    by_comp: dict[str, list[Weighted]] = {}
-    for w in items:
-        by_comp.setdefault("transformer" if w.module.target.component not in TEXT_ENCODERS else
-                           w.module.target.component, []).append(w)
-    jobs = []  # (label, model path, save_to, items, layout function)
-    if by_comp.get("transformer") and not args.flux_model:
+def merge_into_models(args, inputs: list[LoraInput], device) -> dict:
+    from library.checkpoint_apply import apply_plan
+    from library.merge_plan import build_plan
+
+    def part(component: str) -> list[LoraInput]:
+        return [LoraInput(i.path, part_of(i.lora, component), i.ratio) for i in inputs]
+
+    has = {c: any(i.lora.modules for i in part(c)) for c in ("transformer", *TEXT_ENCODERS)}
+    if has["transformer"] and not args.flux_model:
         raise LoraToolsError("the LoRAs change the Flux transformer but no --flux_model was given")
+    jobs = []  # (component, model, save_to flag, save_to, layout function)
     if args.flux_model:
-        jobs.append(("transformer", args.flux_model, args.save_to, by_comp.get("transformer", []), flux_layout))
+        jobs.append(("transformer", args.flux_model, "--save_to", args.save_to, flux_layout))
     left = []
     for comp, (flag, _prefix) in TEXT_ENCODERS.items():
-        model = getattr(args, flag)
-        if model:
-            jobs.append((flag, model, getattr(args, f"{flag}_save_to"), by_comp.get(comp, []),
+        if getattr(args, flag):
+            jobs.append((comp, getattr(args, flag), f"--{flag}_save_to", getattr(args, f"{flag}_save_to"),
                          lambda r, c=comp: text_encoder_layout(r, c)))
-        elif by_comp.get(comp):
-            left.extend(by_comp[comp])
-    inputs = [*args.models, *(j[1] for j in jobs)]
-    outs = [prepare_output(save_to, inputs, args, flag=f"--{'save_to' if label == 'transformer' else label + '_save_to'}")
-            for label, _m, save_to, _i, _l in jobs]
-    te_out = None
-    if left:
-        te_out = prepare_output(args.te_lora_save_to or _te_side_path(args.save_to or outs[0]), inputs, args,
-                                flag="--te_lora_save_to")
-        warn(f"{len(left)} text-encoder modules have no --clip_l/--t5xxl to go into: they are written as a LoRA "
-             f"to {te_out}")
-    dtype = parse_dtype(args.save_precision)
-    for (label, model, _s, group, layout_of), save_to in zip(jobs, outs, strict=True):
+        elif has[comp]:
+            left.append(comp)
+    all_inputs = [*args.models, *(j[1] for j in jobs)]
+    outs = [prepare_output(save_to, all_inputs, args, flag=flag) for _c, _m, flag, save_to, _l in jobs]
+    results = {}
+    for (comp, model, _f, _s, layout_of), save_to in zip(jobs, outs, strict=True):
         with open_checkpoint(model) as reader:
             layout = layout_of(reader)
-            print(f"{model}: {label} checkpoint, layout {layout.name}, {len(group)} modules to merge", file=sys.stderr)
+            plan = build_plan(reader, layout, part(comp), allow_unmatched=args.allow_unmatched)
+            print(f"{model}: layout {layout.name}; " + "; ".join(plan.summary()), file=sys.stderr)
+            if args.verbose > 1:
+                for line in plan.details():
+                    print("  " + line, file=sys.stderr)
+            if plan.unmatched:
+                warn(f"{len(plan.unmatched)} module(s) skipped (--allow_unmatched): {plan.unmatched[0]} ...")
             if args.dry_run:
                 continue
             meta = dict(reader.metadata)
             if not args.no_metadata:
-                merged = [title_of(model, reader.metadata)] + [title_of(lo.path, lo.metadata) for lo in loras]
-                if label == "transformer":
+                merged = [title_of(model, reader.metadata)] + [title_of(i.path, i.lora.metadata) for i in inputs]
+                if comp == "transformer":
                     meta.update(modelspec(FAMILY, save_to, lora=False, merged_from=merged))
-                meta.update(provenance(SCRIPT, args, [*args.models]))
-            stats = apply_to_checkpoint(reader, layout, group, save_to, metadata=meta, save_dtype=dtype,
-                                        compute_dtype=compute_dtype(args), device=device,
-                                        allow_unmatched=args.allow_unmatched, inputs=inputs, overwrite=args.overwrite,
-                                        progress=progress)
-        report(label, save_to, stats, args.verbose)
-    if te_out and not args.dry_run:
-        modules = combine(left, FAMILY, CombineSettings("concat"), len(loras))
-        save_lora(te_out, modules, family=FAMILY, fmt=args.format, inputs=inputs, overwrite=args.overwrite,
-                  metadata=lora_metadata(None, family=FAMILY, ranks=[m.tensors["lora_down.weight"].shape[0]
-                                         for m in modules if "lora_down.weight" in m.tensors],
-                                         alphas=[], save_to=te_out))
-        print(f"saved {te_out}", file=sys.stderr)
+                meta.update(provenance(SCRIPT, args, args.models))
+            result = apply_plan(reader, plan, save_to, metadata=meta, save_dtype=parse_dtype(args.save_precision),
+                                compute_dtype=compute_dtype(args), device=device, inputs=all_inputs,
+                                overwrite=args.overwrite,
+                                progress=lambda keys, c=comp: progress(keys, desc=f"merging {c}", total=len(keys)))
+        results[comp] = result
+        report(save_to, result, args.verbose)
+    if left:
+        # Text-encoder parts with nowhere to go are kept, as an exact (concat) LoRA next to the output.
+        side = args.te_lora_save_to or _te_side_path(args.save_to or outs[0])
+        warn(f"the LoRAs change {', '.join(TEXT_ENCODERS[c][0] for c in left)} but no checkpoint for it was given "
+             f"(--clip_l/--t5xxl): those modules are written as a LoRA to {side}")
+        te_inputs = [LoraInput(i.path, replace(i.lora, modules=[m for c in left for m in part_of(i.lora, c).modules]),
+                               i.ratio) for i in inputs]
+        te_inputs = [i for i in te_inputs if i.lora.modules]
+        results["te_lora"] = merge_into_lora(args, te_inputs, "concat", device, side, args.format, label="text encoders")
+    return results
 
 
-def report(label: str, save_to: str, stats, verbose: int) -> None:
-    print(f"saved {save_to}: {len(stats.changed)} tensors changed, {stats.copied} copied unchanged", file=sys.stderr)
-    if stats.skipped:
-        warn(f"{len(stats.skipped)} targets not in the {label} checkpoint were skipped: {', '.join(stats.skipped[:5])}")
-    print(f"realized vs intended change: relative error {stats.relative_error:.3e} (rounding to the stored dtype)"
-          + (f", {stats.clamped} values clamped to the dtype's range" if stats.clamped else ""), file=sys.stderr)
+def report(save_to: str, result, verbose: int) -> None:
+    intended = sum(s.intended_sq for s in result.changed)
+    error = sum(s.error_sq for s in result.changed)
+    clamped = sum(s.clamped for s in result.changed)
+    rel = (error / intended) ** 0.5 if intended > 0 else 0.0
+    print(f"saved {save_to}: {len(result.changed)} tensors changed, {result.copied} copied unchanged"
+          + (f", {result.cast} cast to --save_precision" if result.cast else ""), file=sys.stderr)
+    print(f"realized vs intended change: relative error {rel:.3e} (rounding to the stored dtype)"
+          + (f", {clamped} values clamped to the dtype's range" if clamped else ""), file=sys.stderr)
     if verbose:
-        for key, err in stats.worst(10 if verbose > 1 else 5):
-            print(f"  {key}: relative error {err:.3e}", file=sys.stderr)
+        for s in result.worst(10 if verbose > 1 else 5):
+            print(f"  {s.key}: relative error {s.relative_error:.3e}, {s.clamped} clamped", file=sys.stderr)
 
 
 if __name__ == "__main__":
