@@ -395,3 +395,59 @@ def test_diffusers_fuse_lora_oracle(tmp_path):
         assert torch.equal(ours[f"{name}.bias"], ckpt[f"{name}.bias"])
     for name in ("transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"):
         assert torch.equal(ours[f"{name}.weight"], ckpt[f"{name}.weight"])
+
+
+def test_comfy_prefixed_checkpoint_with_loha_and_kohya(tmp_path):
+    """`model.diffusion_model.` checkpoint; a LyCORIS LoHa and a kohya LoRA (alpha ≠ rank) mixed in one command."""
+    keys = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.proj.weight",
+            "double_blocks.0.txt_attn.proj.weight", "final_layer.linear.weight", "img_in.weight"]
+    base = bfl_checkpoint(tmp_path / "raw.safetensors", torch.float32, seed=13, keys=keys)
+    pre = {"model.diffusion_model." + k: v for k, v in base.items()}
+    save_tensors(tmp_path / "comfy.safetensors", pre)
+    g = _gen(14)
+    loha_name, kohya_name = "lycoris_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_img_attn_qkv"
+    loha = {f"{loha_name}.hada_w1_a": torch.randn(H, 4, generator=g) * 0.1,
+            f"{loha_name}.hada_w1_b": torch.randn(4, H, generator=g) * 0.1,
+            f"{loha_name}.hada_w2_a": torch.randn(H, 4, generator=g) * 0.1,
+            f"{loha_name}.hada_w2_b": torch.randn(4, H, generator=g) * 0.1, f"{loha_name}.alpha": torch.tensor(2.0)}
+    kohya = {f"{kohya_name}.lora_down.weight": torch.randn(8, H, generator=g) * 0.1,
+             f"{kohya_name}.lora_up.weight": torch.randn(3 * H, 8, generator=g) * 0.1,
+             f"{kohya_name}.alpha": torch.tensor(4.0)}
+    save_tensors(tmp_path / "loha.safetensors", loha)
+    save_tensors(tmp_path / "kohya.safetensors", kohya)
+    run(["--flux_model", str(tmp_path / "comfy.safetensors"), "--models", str(tmp_path / "loha.safetensors"),
+         str(tmp_path / "kohya.safetensors"), "--ratios", "0.6", "1.5", "--save_to", str(tmp_path / "o.safetensors"),
+         "--working_device", "cpu"])
+    out, _ = load_tensors(tmp_path / "o.safetensors")
+    d_loha = 0.6 * (2.0 / 4) * ((loha[f"{loha_name}.hada_w1_a"].double() @ loha[f"{loha_name}.hada_w1_b"].double())
+                                * (loha[f"{loha_name}.hada_w2_a"].double() @ loha[f"{loha_name}.hada_w2_b"].double()))
+    d_kohya = 1.5 * (4.0 / 8) * kohya[f"{kohya_name}.lora_up.weight"].double() @ kohya[f"{kohya_name}.lora_down.weight"].double()
+    check_merged({k[len("model.diffusion_model."):]: v for k, v in out.items()}, base,
+                 {"double_blocks.0.img_attn.proj.weight": {(0, H): d_loha},
+                  "double_blocks.0.img_attn.qkv.weight": {(0, 3 * H): d_kohya}}, tol=1e-6)
+
+
+def test_svd_and_factor_modes_into_one_lora(ai_toolkit_pair, tmp_path):
+    d, a, b = ai_toolkit_pair
+    ref = reference_deltas([(a, 1.0), (b, 0.5)])
+    # svd at a rank that holds everything (≤ 3 inputs of rank 16 per weight) reproduces the exact sum
+    run(["--models", str(d / "a.safetensors"), str(d / "b.safetensors"), "--ratios", "1", "0.5", "--mode", "svd",
+         "--new_rank", "48", "--format", "diffusers", "--save_to", str(tmp_path / "svd.safetensors"),
+         "--working_device", "cpu"])
+    from networks import adapter_from_tensors
+
+    lora = read_lora(tmp_path / "svd.safetensors")
+    assert lora.format == "diffusers"
+    for m in lora.modules:
+        up, down = adapter_from_tensors(m.tensors).factors()
+        r0, _r1 = m.target.full_rows
+        for (s0, s1), want in ref[m.target.key].items():
+            if r0 <= s0 and s1 <= r0 + m.target.shape[0]:
+                got = up[s0 - r0:s1 - r0].double() @ down.double()
+                assert (got - want).norm() <= 1e-5 * want.norm(), m.target.key
+    # factor-space add with equal ranks: one input alone on a weight is kept exactly; ties runs through the registry
+    run(["--models", str(d / "a.safetensors"), str(d / "b.safetensors"), "--mode", "ties", "--density", "0.5",
+         "--save_to", str(tmp_path / "ties.safetensors"), "--format", "comfy", "--working_device", "cpu"])
+    assert read_lora(tmp_path / "ties.safetensors").format == "comfy"
+    with pytest.raises(LoraToolsError, match="new_rank"):
+        run(["--models", str(d / "a.safetensors"), "--mode", "svd", "--save_to", str(tmp_path / "x.safetensors")])
