@@ -307,3 +307,34 @@ def test_sdxl_kohya_names_and_openclip_in_proj_split_per_slice(tmp_path):
     bias = diffs["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias"]
     stored = tensors["lora_te2_text_model_encoder_layers_0_self_attn_v_proj.diff_b"].double()
     assert torch.allclose(stored, bias[2560:], rtol=1e-6, atol=0)  # float32 subtraction vs float64
+
+
+def test_flux_bfl_kohya_names(tmp_path):
+    # BFL single-file names (scaled-down widths) with --family flux1 → sd-scripts' lora_flux names.
+    shapes = {"double_blocks.0.img_attn.qkv.weight": (96, 32), "single_blocks.3.linear2.weight": (32, 160),
+              "double_blocks.0.img_attn.norm.query_norm.scale": (8,)}
+    base, tuned, diffs = make_pair(tmp_path, shapes, rank=2)
+    report, tensors, meta = run(tmp_path, base, tuned, "--family", "flux1", "--dim", "2")
+    assert sorted(tensors) == sorted(f"lora_unet_{m}.{s}" for m in ("double_blocks_0_img_attn_qkv", "single_blocks_3_linear2")
+                                     for s in ("alpha", "lora_down.weight", "lora_up.weight"))
+    assert meta["ss_base_model_version"] == "flux1" and meta["ss_network_module"] == "networks.lora_flux"
+    delta = lora_delta(tensors, "lora_unet_single_blocks_3_linear2", (32, 160))
+    diff = diffs["single_blocks.3.linear2.weight"]
+    assert float((delta - diff).norm()) <= 1e-5 * float(diff.norm())
+
+
+def test_flux_diffusers_layout_q_k_v_fused_into_kohya_qkv(tmp_path):
+    # A diffusers-layout Flux transformer (real 3072 width, one block): to_q/to_k/to_v are rows of BFL's fused
+    # img_attn.qkv. Each is extracted on its own (rank 2) and the writer fuses them exactly (block-diagonal, rank 6).
+    keys = [f"transformer_blocks.0.attn.to_{p}.weight" for p in "qkv"]
+    base, tuned, diffs = make_pair(tmp_path, {k: (3072, 3072) for k in keys}, rank=2)
+    _, tensors, _ = run(tmp_path, base, tuned, "--family", "flux1", "--dim", "2")
+    module = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert {k for k in tensors} == {f"{module}.{s}" for s in ("alpha", "lora_down.weight", "lora_up.weight")}
+    assert tensors[f"{module}.lora_down.weight"].shape == (6, 3072)
+    fused = torch.cat([diffs[k] for k in keys])
+    delta = lora_delta(tensors, module, (9216, 3072))
+    # each difference is rank 2 up to the float32 rounding of the stored weights (~3e-5 relative)
+    for i, k in enumerate(keys):
+        rows = slice(3072 * i, 3072 * (i + 1))
+        assert float((delta[rows] - fused[rows]).norm()) <= 1e-4 * float(fused[rows].norm()), k
