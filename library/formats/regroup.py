@@ -317,7 +317,14 @@ def _fuse_full(pieces, rows: int, shape: tuple[int, ...], name: str) -> dict[str
 
 
 def swap_halves(tensors: dict[str, torch.Tensor], shape: tuple[int, ...], name: str = "") -> dict[str, torch.Tensor]:
-    """Swap the two output halves (BFL shift|scale ↔ diffusers scale|shift): only output-side tensors move."""
+    """Swap the two output halves (BFL shift|scale ↔ diffusers scale|shift): only output-side tensors move.
+
+    The row count comes from the tensors themselves when they tell it (`shape` is the table's).
+    """
+    for key in (*_up_side(tensors), "diff", *ROW_BIAS):
+        if key in tensors and not (key == "hada_w1_a" and "hada_t1" in tensors):
+            shape = (int(tensors[key].shape[0]), *shape[1:])
+            break
     rows = shape[0]
     half = rows // 2
     kind = kind_of(tensors)
