@@ -51,6 +51,7 @@ from library.lora_combine import MODES
 from library.merge_methods import SIGN_METHODS
 
 PRINT_LIMIT = 20  # per-layer lines printed with -v before "... and N more" (all with -vv)
+LOSSY = 0.05  # warn when storage rounding took more than this share of a tensor's delta (fp8 outputs)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -94,16 +95,28 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_input(path: str, family: str | None, allow_unmatched: bool):
-    """A LoRA with its family detected; ambiguous files (e.g. text-encoder-only) take `family`."""
+def read_inputs(paths: list[str], family: str | None, allow_unmatched: bool) -> list:
+    """The LoRAs, each with its family detected. A file whose family is ambiguous (e.g. SD1/SD2 share
+    most shapes) takes `family` (the checkpoint's or --family), else the family of the other inputs."""
     from library.formats import read_lora
 
-    try:
-        return read_lora(path, allow_unmatched=allow_unmatched)
-    except LoraToolsError as exc:
-        if family is None or "ambiguous" not in exc.message:
-            raise
-        return read_lora(path, family=family, allow_unmatched=allow_unmatched)
+    loras: dict[str, object] = {}
+    ambiguous: dict[str, LoraToolsError] = {}
+    for path in paths:
+        try:
+            loras[path] = read_lora(path, allow_unmatched=allow_unmatched)
+        except LoraToolsError as exc:
+            if "ambiguous" not in exc.message:
+                raise
+            ambiguous[path] = exc
+    if ambiguous:
+        known = {lora.family for lora in loras.values()}
+        fallback = family or (known.pop() if len(known) == 1 else None)
+        for path, exc in ambiguous.items():
+            if fallback is None:
+                raise exc
+            loras[path] = read_lora(path, family=fallback, allow_unmatched=allow_unmatched)
+    return [loras[p] for p in paths]
 
 
 def _hint(args: argparse.Namespace) -> str | None:
@@ -156,8 +169,8 @@ def merge_into_checkpoint(args: argparse.Namespace, ratios: list[float], block_w
     with open_checkpoint(args.sd_model) as reader:
         layout = choose_layout(reader, args)
         family = layout.family.name
-        inputs = [LoraInput(p, read_input(p, family, args.allow_unmatched), r, bw)
-                  for p, r, bw in zip(args.models, ratios, block_weights)]
+        loras = read_inputs(args.models, family, args.allow_unmatched)
+        inputs = [LoraInput(p, lora, r, bw) for p, lora, r, bw in zip(args.models, loras, ratios, block_weights)]
         plan = build_plan(reader, layout, inputs, allow_unmatched=args.allow_unmatched)
         print(f"{args.sd_model}: {family} checkpoint ({layout.name})")
         for line in plan.summary():
@@ -176,18 +189,18 @@ def merge_into_checkpoint(args: argparse.Namespace, ratios: list[float], block_w
         bar = progress(list(reader.keys()), desc="merge", enabled=sys.stderr.isatty())
         result = apply_plan(reader, plan, save_to, metadata=metadata, save_dtype=save_dtype, compute_dtype=cdtype,
                             device=device, inputs=[args.sd_model, *args.models], overwrite=args.overwrite,
-                            progress=lambda keys: bar)
+                            progress=lambda keys: bar, measure=True if args.verbose else None)
         bar.close()
     print(f"wrote {save_to}: {len(result.changed)} tensors changed, {result.copied} copied bit for bit"
           + (f", {result.cast} cast to {args.save_precision}" if result.cast else ""))
-    lossy = [s for s in result.changed if s.relative_error > 0.01]
+    lossy = [s for s in result.changed if s.relative_error > LOSSY]
     if lossy:
-        warn(f"{len(lossy)} changed tensor(s) lost over 1% of their delta to the storage precision (worst "
-             f"{lossy[0].key if len(lossy) == 1 else max(lossy, key=lambda s: s.relative_error).key}: "
-             f"{max(s.relative_error for s in lossy):.1%}); consider --save_precision fp32/bf16")
+        worst = max(lossy, key=lambda s: s.relative_error)
+        warn(f"{len(lossy)} changed tensor(s) lost over {LOSSY:.0%} of their delta to the storage precision "
+             f"(worst {worst.key}: {worst.relative_error:.1%}); consider a wider --save_precision")
     if args.verbose:
-        _print_lines([f"{s.key}: delta kept to {s.relative_error:.2e} relative" for s in result.worst(len(result.changed))],
-                     args.verbose)
+        _print_lines([f"{s.key}: storage rounding took {s.relative_error:.2e} of the delta"
+                      for s in result.worst(len(result.changed))], args.verbose)
     return {"plan": plan, "result": result, "save_to": save_to}
 
 
@@ -208,8 +221,8 @@ def merge_loras(args: argparse.Namespace, ratios: list[float], block_weights) ->
 
     mode = "concat" if args.concat else args.mode
     save_to = prepare_output(args.save_to, args.models, args)
-    inputs = [LoraInput(p, read_input(p, args.family, args.allow_unmatched), r, bw)
-              for p, r, bw in zip(args.models, ratios, block_weights)]
+    loras = read_inputs(args.models, args.family, args.allow_unmatched)
+    inputs = [LoraInput(p, lora, r, bw) for p, lora, r, bw in zip(args.models, loras, ratios, block_weights)]
     family, groups = group_targets(inputs)
     modules, reports = combine(groups, mode, density=args.density, sign_method=args.majority_sign_method,
                                seed=args.seed, shuffle=args.shuffle)

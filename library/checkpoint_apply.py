@@ -30,7 +30,6 @@ class KeyStats:
     key: str
     intended_sq: float = 0.0
     error_sq: float = 0.0
-    clamped: int = 0
 
     @property
     def relative_error(self) -> float:
@@ -122,8 +121,9 @@ def updated_tensor(stored: torch.Tensor, contributions: list[Contribution], *, o
 
     Not `weight_update.add_delta` on the whole tensor: that allocates several full-size float32
     temporaries per weight, which on SDXL-sized weights costs ~20× more than this loop, whose chunk
-    buffers are allocated once and stay in cache. `stats` gets ‖intended delta‖², ‖realized − intended‖²
-    (the storage rounding) and the number of values clamped to the output dtype's range.
+    buffers are allocated once and stay in cache. With `stats`, ‖intended delta‖² and ‖realized − intended‖²
+    (what the storage dtype's rounding and range clamping took away) are accumulated; that costs a few
+    more passes per chunk, so callers ask for it where it matters (8-bit outputs, --verbose).
     """
     device = device or torch.device("cpu")
     if chunk_elements is None:
@@ -137,23 +137,23 @@ def updated_tensor(stored: torch.Tensor, contributions: list[Contribution], *, o
     out = torch.empty(flat.shape, dtype=out_dtype)
     step = max(1, chunk_elements // max(width, 1))
     acc = torch.empty((min(step, shape[0]), width), dtype=work, device=device)
-    delta = torch.empty_like(acc)
+    delta = torch.empty_like(acc) if stats is not None else None
     err = torch.empty_like(acc) if stats is not None else None
     limit = torch.finfo(out_dtype).max if out_dtype.is_floating_point else None
     narrower = limit is not None and limit < torch.finfo(work).max
     for a in range(0, shape[0], step):
         b = min(shape[0], a + step)
-        x, d = acc[:b - a], delta[:b - a]
-        d.zero_()
+        x = acc[:b - a]
+        x.copy_(flat[a:b])
+        # Without stats the pieces accumulate straight into W's rows (addmm_: no delta buffer, no extra pass).
+        d = delta[:b - a].zero_() if stats is not None else x
         for p in pieces:
             i, j = max(a, p.start), min(b, p.stop)
             if i < j:
                 p.add_rows(d[i - a:j - a], i - p.start, j - p.start)
-        x.copy_(flat[a:b])
-        x.add_(d)
+        if stats is not None:
+            x.add_(d)
         if narrower:
-            if stats is not None:
-                stats.clamped += int((x.abs() > limit).sum())
             x.clamp_(-limit, limit)  # a cast never creates inf (cf. safetensors_io.cast_clamped)
         chunk = out[a:b]
         chunk.copy_(x)
@@ -178,8 +178,13 @@ def file_order(reader) -> list[str]:
 def apply_plan(reader, plan: Plan, save_to: str, *, metadata: Mapping[str, str] | None,
                save_dtype: torch.dtype | None = None, compute_dtype: torch.dtype = torch.float32,
                device: torch.device | None = None, inputs=(), overwrite: bool = False,
-               progress: Callable | None = None, chunk_elements: int | None = None) -> ApplyResult:
-    """Write `reader`'s checkpoint with `plan` applied to `save_to` (atomically; nothing left on error)."""
+               progress: Callable | None = None, chunk_elements: int | None = None,
+               measure: bool | None = None) -> ApplyResult:
+    """Write `reader`'s checkpoint with `plan` applied to `save_to` (atomically; nothing left on error).
+
+    `measure`: record what the storage precision took from each delta (see `updated_tensor`); by default
+    only for 8-bit outputs, where a LoRA can vanish in the rounding.
+    """
     keys = file_order(reader)
 
     def out_dtype(key: str) -> torch.dtype:
@@ -197,7 +202,7 @@ def apply_plan(reader, plan: Plan, save_to: str, *, metadata: Mapping[str, str] 
         torch.set_num_threads(1)
     try:
         _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator, compute_dtype, device,
-                chunk_elements, result, nonfinite)
+                chunk_elements, result, nonfinite, measure)
     finally:
         torch.set_num_threads(threads)
     nonfinite.warn()
@@ -205,7 +210,7 @@ def apply_plan(reader, plan: Plan, save_to: str, *, metadata: Mapping[str, str] 
 
 
 def _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator, compute_dtype, device, chunk_elements,
-            result, nonfinite) -> None:
+            result, nonfinite, measure) -> None:
     with StreamingWriter(save_to, specs, metadata, inputs=inputs, overwrite=overwrite) as writer:
         for key in iterator:
             contributions = plan.contributions.get(key)
@@ -220,9 +225,10 @@ def _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator,
                 result.cast += 1
                 continue
             stats = KeyStats(key)
+            measured = measure if measure is not None else dtype.itemsize == 1
             new = updated_tensor(stored, contributions, out_dtype=dtype, compute_dtype=compute_dtype, device=device,
-                                 chunk_elements=chunk_elements, stats=stats)
-            # NaN/inf anywhere in W or ΔW makes one of the two sums non-finite: no extra pass needed.
-            nonfinite.check(key, torch.tensor(stats.intended_sq + stats.error_sq))
+                                 chunk_elements=chunk_elements, stats=stats if measured else None)
+            if measured:  # NaN/inf anywhere in W or ΔW makes one of the two sums non-finite
+                nonfinite.check(key, torch.tensor(stats.intended_sq + stats.error_sq))
             writer.write(key, new)
             result.changed.append(stats)

@@ -285,3 +285,22 @@ def test_ratio_count_and_dry_run(tmp_path, capsys):
     with pytest.raises(LoraToolsError, match="--sdxl contradicts --family sd1"):
         run("--sd_model", tmp_path / "base.safetensors", "--models", tmp_path / "a.safetensors", "--save_to", out,
             "--family", "sd1", "--sdxl")
+
+
+def test_fp8_checkpoint_reports_lost_delta(tmp_path, capsys):
+    key, shape = SD1_TARGETS["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
+    g = torch.Generator().manual_seed(9)
+    weight = (torch.randn(*shape, generator=g) * 0.05).to(torch.float8_e4m3fn)
+    save_file({key: weight}, str(tmp_path / "fp8.safetensors"))
+    fa = sd1_lora(tmp_path / "a.safetensors", modules=["lora_te_text_model_encoder_layers_0_self_attn_q_proj"])
+    out = tmp_path / "out.safetensors"
+    result = run("--sd_model", tmp_path / "fp8.safetensors", "--models", tmp_path / "a.safetensors", "--ratios", 1e-4,
+                 "--save_to", out, "--family", "sd1")
+    merged = load_file(str(out))[key]
+    intended = 1e-4 * delta64(*fa[key], shape)
+    expected = (weight.double() + intended).float().to(torch.float8_e4m3fn)  # sum wide, one cast
+    assert merged.dtype == torch.float8_e4m3fn and torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
+    (stats,) = result["result"].changed
+    lost = float((merged.double() - weight.double() - intended).norm() / intended.norm())
+    assert stats.relative_error == pytest.approx(lost, rel=1e-3) and lost > 0.5
+    assert "lost over 5% of their delta to the storage precision" in capsys.readouterr().err
