@@ -8,7 +8,8 @@ Cases (fixtures from bench/fixtures.py, fp16 files like trained LoRAs):
 - flux: two Flux.1 LoRAs at full widths (3072; qkv 9216; linear1 21504; mod 18432), double blocks 0–1 and
   single blocks 0–1, rank 32 each, merged to rank 32.
 
-Three measurements, each in a fresh process (bench/common.run_measured), all at 2 threads:
+Three measurements, each in a fresh process (bench/common.run_measured);
+all children run with the same number of torch threads (--threads, default 1; see its help).
 - ours: the engine (library/svd_merge.merge_layers) over all modules, load + merge + save;
   and `svd_merge_lora.py` end to end when the script and library/formats are importable.
 - dense: per module ΔW = Σ ratioᵢ·(αᵢ/rᵢ)·upᵢ@downᵢ in fp32, `torch.linalg.svd(full_matrices=False)` (thin —
@@ -41,10 +42,10 @@ RATIOS = (1.0, 0.7)
 
 # Child: our engine on the given files (optionally only some modules), output saved in fp32.
 OURS = r"""
-import json, sys, time
+import json, os, sys, time
 from collections import defaultdict
 import torch
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 from library.safetensors_io import load_tensors, save_tensors
 from library.svd_merge import LayerJob, MergeSettings, merge_layers
 from networks import adapter_from_tensors
@@ -78,9 +79,9 @@ print(json.dumps({"load_s": round(t1 - t0, 3), "merge_s": round(t2 - t1, 3), "sa
 
 # Child: what sd-scripts, PEFT and the ComfyUI mergers do — dense delta, dense SVD, per module.
 DENSE = r"""
-import json, sys, time
+import json, os, sys, time
 import torch
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 from library.safetensors_io import load_tensors, save_tensors
 paths, ratios, rank, out, only = sys.argv[1].split(","), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 only = json.loads(only)
@@ -217,7 +218,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--per_shape", type=int, default=2, help="dense-SVD modules timed per distinct shape")
     parser.add_argument("--folder", default=None, help="where to write the fixture files (default: a temp folder)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of every child, ours and dense alike (default 1: on a shared 2-core VM, "
+                             "2 OpenMP threads stall in LAPACK whenever another process holds a core)")
     args = parser.parse_args()
+    os.environ["BENCH_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     cases = ("sdxl", "flux") if args.case == "both" else (args.case,)
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         for case in cases:

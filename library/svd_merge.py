@@ -38,9 +38,9 @@ from library.lowrank import (
 from library.merge_methods import SIGN_METHODS, MergeContext, get_method, merge_tensors, stable_seed
 from networks.base import Adapter
 
-# Stacked factors of one batch stay under this many elements per side (≈256 MiB in fp32), so batching
+# Stacked factors of one batch stay under this many elements per side (64 MiB in fp32), so batching
 # the 38 Flux `linear1` layers at rank 128 does not need gigabytes at once.
-MAX_BATCH_ELEMENTS = 1 << 26
+MAX_BATCH_ELEMENTS = 1 << 24
 
 
 @dataclass

@@ -315,3 +315,27 @@ def test_bad_settings_are_user_errors():
     with pytest.raises(LoraToolsError, match="new_rank"):
         MergeSettings(new_rank=0)
     assert MergeSettings(mode="dare_ties_svd").mode == "dare_ties"
+
+
+def test_tucker_locon_and_lokr_inputs():
+    gen = torch.Generator().manual_seed(120)
+    out_dim, in_dim = 32, 32
+    # LyCORIS Tucker LoCon: ΔW[o, i, h, w] = (α/r)·Σ up[o, a]·mid[a, b, h, w]·down[b, i], written out here.
+    tucker = {"lora_up.weight": torch.randn(out_dim, 4, 1, 1, generator=gen),
+              "lora_mid.weight": torch.randn(4, 4, 3, 3, generator=gen),
+              "lora_down.weight": torch.randn(4, in_dim, 1, 1, generator=gen) * 0.1, "alpha": torch.tensor(2.0)}
+    tucker64 = 0.5 * torch.einsum("oa,abhw,bi->oihw", tucker["lora_up.weight"].double().reshape(out_dim, 4),
+                                  tucker["lora_mid.weight"].double(), tucker["lora_down.weight"].double().reshape(4, in_dim))
+    locon = lora_tensors(SHAPES[CONV], 6, seed=121)
+    exact = tucker64.reshape(out_dim, -1) - 0.3 * dense64(locon)
+    r = merge_layers([job(CONV, [tucker, locon], [1.0, -0.3])], MergeSettings(new_rank=4, new_conv_rank=10))[CONV]
+    assert r.report["route"] == "factored" and r.report["rank_out"] == 10
+    assert rel(result64(r), exact) < 1e-5
+    # LoKr: ΔW = kron(w1, w2) (both factors full: scale 1), a dense delta → randomized route.
+    lokr = {"lokr_w1": torch.randn(8, 4, generator=gen), "lokr_w2": torch.randn(8, 16, generator=gen) * 0.1}
+    lokr64 = torch.kron(lokr["lokr_w1"].double(), lokr["lokr_w2"].double())
+    lora = lora_tensors(SHAPES[Q], 4, seed=122)
+    exact = 0.7 * lokr64 + dense64(lora)
+    r = merge_layers([job(Q, [lokr, lora], [0.7, 1.0])], MergeSettings(new_rank=64))[Q]
+    assert r.report["route"] == "dense/randomized"
+    assert rel(result64(r), exact) < 1e-5
