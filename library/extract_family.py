@@ -76,21 +76,29 @@ class FamilyNaming:
         return [(k, f"no module of the {self.family} {self.fmt} naming") for k in keys if not self.accepts(k)]
 
     def targets_of(self, key: str) -> list[tuple[str, tuple[int, int] | None, object | None]]:
-        """(name, checkpoint rows, (Target, swap)) per output module fed by this checkpoint key."""
+        """(output module name, checkpoint rows, (Target, swap)) per output module fed by this checkpoint key."""
         weight = self._weight_key(key)
         target, swap = self._targets[weight]
-        if target.rows is not None:  # already one slice of a fused canonical weight
-            return [(target.describe(), None, (target, swap))]
         spec = self.write_specs[target.component]
         slots = self.table.by_key[spec.naming][target.key]
-        if len(slots) <= 1 or swap:
-            return [(target.describe(), None, (target, swap))]
+        if target.rows is not None or len(slots) <= 1 or swap:
+            # one module, or one slice of a fused canonical weight that the writer fuses with its siblings
+            return [(self._name(spec, slots, target.full_rows if target.rows else None), None, (target, swap))]
         out = []
-        for _path, slot in slots:
+        for path, slot in slots:
             rows = slot.rows or (0, target.shape[0])
             sliced = Target(target.key, rows, target.component, (rows[1] - rows[0], *target.shape[1:]))
-            out.append((sliced.describe(), rows, (sliced, False)))
+            out.append((self._name(spec, [(path, slot)], None), rows, (sliced, False)))
         return out
+
+    @staticmethod
+    def _name(spec, slots, rows: tuple[int, int] | None) -> str:
+        """The output module that holds `rows` of the canonical weight (for listings; the writer names the tensors)."""
+        for path, slot in slots:
+            start, stop = slot.rows or (0, 1 << 62)
+            if rows is None or (start <= rows[0] and rows[1] <= stop):
+                return spec.prefix + (path.replace(".", "_") if spec.flat else path)
+        return spec.prefix + slots[0][0]
 
     def describe(self) -> str:
         return f"{self.family} {self.fmt} naming, checkpoint layout {self.layout.name}"
