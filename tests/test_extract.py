@@ -338,3 +338,36 @@ def test_flux_diffusers_layout_q_k_v_fused_into_kohya_qkv(tmp_path):
     for i, k in enumerate(keys):
         rows = slice(3072 * i, 3072 * (i + 1))
         assert float((delta[rows] - fused[rows]).norm()) <= 1e-4 * float(fused[rows].norm()), k
+
+
+class _HeaderOnly:
+    """A checkpoint's key/shape listing without data: detection reads nothing else."""
+
+    def __init__(self, shapes, path):
+        self.shapes, self.path = shapes, path
+
+    def keys(self):
+        return list(self.shapes)
+
+    def shape(self, key):
+        return self.shapes[key]
+
+
+def test_family_mismatch_and_flag_checks_are_clear_errors():
+    import argparse
+
+    from library.extract_output import _detect_family
+    from library.formats import FAMILIES
+
+    sdxl = _HeaderOnly(dict(FAMILIES["sdxl"].table.shapes), "sdxl.safetensors")
+    flux = _HeaderOnly(dict(FAMILIES["flux1"].table.shapes), "flux.safetensors")
+    args = argparse.Namespace(family=None, sdxl=False, v2=False)
+    pair = argparse.Namespace(base=sdxl, tuned=sdxl, base_path=sdxl.path, tuned_path=sdxl.path)
+    assert _detect_family(pair, args) == "sdxl"
+    mixed = argparse.Namespace(base=sdxl, tuned=flux, base_path=sdxl.path, tuned_path=flux.path)
+    with pytest.raises(LoraToolsError, match="base model is sdxl but the tuned model is flux1"):
+        _detect_family(mixed, args)
+    with pytest.raises(LoraToolsError, match="--v2 was given but the checkpoint is sdxl"):
+        _detect_family(pair, argparse.Namespace(family=None, sdxl=False, v2=True))
+    with pytest.raises(LoraToolsError, match="unknown --family"):
+        _detect_family(pair, argparse.Namespace(family="sd9", sdxl=False, v2=False))
