@@ -371,3 +371,12 @@ def test_family_mismatch_and_flag_checks_are_clear_errors():
         _detect_family(pair, argparse.Namespace(family=None, sdxl=False, v2=True))
     with pytest.raises(LoraToolsError, match="unknown --family"):
         _detect_family(pair, argparse.Namespace(family="sd9", sdxl=False, v2=False))
+
+
+def test_load_precision_casts_before_subtracting(tmp_path):
+    key = ATTN + "attn1.to_q.weight"
+    base, tuned, _ = make_pair(tmp_path, {key: (16, 16)}, rank=2)
+    _, tensors, _ = run(tmp_path, base, tuned, "--lora_type", "full_diff", "--load_precision", "bf16", *COMFY)
+    b, t = load_tensors(base)[0][key], load_tensors(tuned)[0][key]
+    expected = t.bfloat16().float() - b.bfloat16().float()  # sd-scripts: both models loaded in that dtype
+    assert torch.equal(tensors["diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.diff"], expected)
