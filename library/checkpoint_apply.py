@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -211,15 +212,33 @@ def apply_plan(reader, plan: Plan, save_to: str, *, metadata: Mapping[str, str] 
 
 def _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator, compute_dtype, device, chunk_elements,
             result, nonfinite, measure) -> None:
-    with StreamingWriter(save_to, specs, metadata, inputs=inputs, overwrite=overwrite) as writer:
+    header = getattr(reader, "header", None) if isinstance(reader, LazyReader) else None
+    to_read = [k for k in specs if plan.contributions.get(k) or specs[k][0] != reader.dtype(k)]
+    # One tensor is read ahead on a thread while the current one is computed and written (file reads and
+    # torch ops both release the GIL), so the disk and the CPU work at the same time.
+    with StreamingWriter(save_to, specs, metadata, inputs=inputs, overwrite=overwrite) as writer, \
+            ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = {}
+
+        def prefetch(i: int) -> None:
+            if i < len(to_read):
+                ahead[to_read[i]] = pool.submit(read_tensor, reader, to_read[i])
+
+        prefetch(0)
+        next_read = 1
         for key in iterator:
             contributions = plan.contributions.get(key)
             dtype = specs[key][0]
-            if not contributions and dtype == reader.dtype(key):
-                writer.write_raw(key, reader.get_raw(key))
+            if key not in ahead:  # untouched and kept in its dtype: copied byte for byte
+                if header is not None:
+                    writer.copy_from_file(key, reader.path, header.data_start + header.tensors[key].begin)
+                else:
+                    writer.write_raw(key, reader.get_raw(key))
                 result.copied += 1
                 continue
-            stored = read_tensor(reader, key)
+            stored = ahead.pop(key).result()
+            prefetch(next_read)
+            next_read += 1
             if not contributions:
                 writer.write(key, stored)  # the writer casts (clamped) to the planned dtype
                 result.cast += 1

@@ -402,6 +402,37 @@ class StreamingWriter:
         info = self._entry(key)
         self._write_bytes(key, info, data)
 
+    def copy_from_file(self, key: str, path: str | os.PathLike, offset: int) -> None:
+        """Write a planned key's bytes straight from `path` at byte `offset` (an input's tensor, unchanged).
+
+        Uses os.copy_file_range, so the bytes never pass through this process's memory (the kernel
+        copies them, or shares extents where the filesystem can); falls back to 16 MiB reads.
+        """
+        info = self._entry(key)
+        size = info.end - info.begin
+        dest = len(self._header_bytes) + info.begin
+        self._file.flush()  # buffered bytes must land before the kernel writes beside them
+        done = 0
+        with open(path, "rb") as src:
+            if hasattr(os, "copy_file_range"):
+                try:
+                    while done < size:
+                        n = os.copy_file_range(src.fileno(), self._file.fileno(), size - done, offset + done, dest + done)
+                        if n == 0:
+                            break
+                        done += n
+                except OSError:
+                    pass  # e.g. EXDEV on old kernels, or a filesystem without support: copy by hand
+            src.seek(offset + done)
+            self._file.seek(dest + done)
+            while done < size:
+                chunk = src.read(min(1 << 24, size - done))
+                if not chunk:
+                    raise LoraToolsError("file ends inside the tensor", file=os.fspath(path), key=key)
+                self._file.write(chunk)
+                done += len(chunk)
+        self._written.add(key)
+
     def _entry(self, key: str) -> TensorInfo:
         if key in self._written:
             raise ValueError(f"{key} written twice")

@@ -304,3 +304,22 @@ def test_fp8_checkpoint_reports_lost_delta(tmp_path, capsys):
     lost = float((merged.double() - weight.double() - intended).norm() / intended.norm())
     assert stats.relative_error == pytest.approx(lost, rel=1e-3) and lost > 0.5
     assert "lost over 5% of their delta to the storage precision" in capsys.readouterr().err
+
+
+def test_copy_fallback_without_copy_file_range(tmp_path, monkeypatch):
+    """Untouched tensors stay bit-identical when the kernel copy is unavailable (old kernels, other filesystems)."""
+    base = sd1_checkpoint(tmp_path / "base.safetensors")
+    sd1_lora(tmp_path / "a.safetensors", modules=["lora_te_text_model_encoder_layers_0_self_attn_q_proj"])
+
+    def refuse(*_args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    out = tmp_path / "out.safetensors"
+    result = run("--sd_model", tmp_path / "base.safetensors", "--models", tmp_path / "a.safetensors", "--save_to", out,
+                 "--family", "sd1")
+    merged = load_file(str(out))
+    assert result["result"].copied == len(base) - 1
+    for key in base:
+        if key != SD1_TARGETS["lora_te_text_model_encoder_layers_0_self_attn_q_proj"][0] and base[key].dim():
+            assert torch.equal(merged[key].view(torch.uint8), base[key].view(torch.uint8)), key
