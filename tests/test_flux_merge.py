@@ -282,9 +282,8 @@ def test_fp8_checkpoint_clamped_and_reported(tmp_path, capsys):
     delta = intended - base["double_blocks.0.img_attn.proj.weight"].double()
     rel = ((realized - delta).norm() / delta.norm()).item()
     line = next(s for s in err.splitlines() if "relative error" in s)
-    reported = float(line.split("relative error ")[1].split()[0].rstrip(","))
+    reported = float(line.split("relative error ")[1].split()[0])
     assert reported == pytest.approx(rel, rel=1e-3)
-    assert f"{int(over.sum())} values clamped" in line
     assert torch.equal(out["img_in.weight"].view(torch.uint8), base["img_in.weight"].view(torch.uint8))
 
 
