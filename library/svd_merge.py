@@ -127,7 +127,8 @@ def check_job(job: LayerJob) -> None:
     for _, adapter, _ in job.parts:
         if adapter.dora is not None:
             raise LoraToolsError("DoRA module: its delta depends on the base weight, which an SVD merge of LoRAs "
-                                 "does not read; bake it into the checkpoint with merge_lora.py instead", key=job.name)
+                                 "does not read; convert it first (resize_lora.py --base_model) or bake it into the "
+                                 "checkpoint (merge_lora.py --sd_model)", key=job.name)
 
 
 def merge_layers(jobs: Sequence[LayerJob], settings: MergeSettings,

@@ -14,6 +14,7 @@ import statistics
 
 import torch
 
+from library.errors import LoraToolsError
 from library.formats.types import Module
 from library.lora_combine import Group, Term, _padded
 from library.svd_merge import LayerJob, LayerResult
@@ -61,6 +62,10 @@ def jobs_from_groups(groups: list[Group], n_inputs: int) -> list[LayerJob]:
         total = group.target.shape[0]
         parts = []
         for term in group.terms:
+            if len(group.target.shape) < 2 or (term.adapter.kind == "full" and term.adapter.diff is None):
+                # Norm / bias-only changes have no matrix to factor: merge_lora.py --mode concat keeps them exactly.
+                raise LoraToolsError("this module changes only a bias or a 1-D weight, which has no low-rank form; "
+                                     "merge such files with merge_lora.py --mode concat", key=term.source)
             plain = term.rows == (0, total) and term.bias_scale == 1.0
             parts.append((term.slot, term.adapter if plain else PlacedAdapter(term, total), term.weight))
         jobs.append(LayerJob(group.target.describe(), tuple(group.target.shape), parts, n_inputs))
