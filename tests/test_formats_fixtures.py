@@ -74,6 +74,11 @@ def diffusers_modules(family: str) -> dict[str, tuple[int, ...]]:
         if family == "sdxl":
             te.update({"text_encoder_2." + _clip(p): s for p, s in rows("clip_g") if p != "text_projection"})
         return {**unet, **te}
+    if family in ("sd3", "sd35_large", "sd35_medium"):
+        return {**{"transformer." + p: s for p, s in rows({"sd3": "sd3_medium"}.get(family, family))},
+                **{"text_encoder." + _clip(p): s for p, s in rows("clip_l")},
+                **{"text_encoder_2." + _clip(p): s for p, s in rows("clip_g") if p != "text_projection"},
+                **{"text_encoder_3." + p: s for p, s in rows("t5xxl")}}
     if family == "flux1":
         return {**{"transformer." + p: s for p, s in rows("flux1_dev")},
                 **{"text_encoder." + _clip(p): s for p, s in rows("clip_l")},

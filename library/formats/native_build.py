@@ -39,3 +39,30 @@ def build_native(builder, native_rows, diffusers_rows, rule: SplitRule, *, compo
     missing = sorted(set(expected) - seen)
     if missing:
         raise ValueError(f"diffusers modules without a native module: {missing[:10]} ({len(missing)})")
+
+
+# An inverse rule gives, for a diffusers module path, (native module path, position among its parts, swap).
+InverseRule = Callable[[str, tuple[int, ...]], tuple[str, int, bool]]
+
+
+def build_from_diffusers(builder, diffusers_rows, inverse: InverseRule, *, component: str = "transformer",
+                         key_prefix: str = "", native: str = "native", split: str = "diffusers") -> None:
+    """For families whose shape list only has diffusers names: native modules are assembled from their
+    parts (rows stacked in part order), then registered like `build_native` does."""
+    groups: dict[str, list[tuple[int, str, tuple[int, ...], bool]]] = {}
+    for path, _kind, shape, _bias in diffusers_rows:
+        name, order, swap = inverse(path, tuple(shape))
+        groups.setdefault(name, []).append((order, path, tuple(shape), swap))
+    for name, parts in groups.items():
+        parts.sort()
+        if [p[0] for p in parts] != list(range(len(parts))) or len({p[2][1:] for p in parts}) != 1:
+            raise ValueError(f"{name}: parts {[(p[0], p[1], p[2]) for p in parts]} do not stack")
+        rows = sum(p[2][0] for p in parts)
+        key = key_prefix + name + ".weight"
+        builder.target(key, (rows, *parts[0][2][1:]), component)
+        builder.slot(native, name, key)
+        start = 0
+        for _order, path, shape, swap in parts:
+            span = None if len(parts) == 1 else (start, start + shape[0])
+            builder.slot(split, path, key, span, swap)
+            start += shape[0]
