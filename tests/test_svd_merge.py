@@ -242,6 +242,10 @@ def test_element_wise_modes_match_the_written_out_formulas():
     masks = [dare_mask(d.shape, density, 7, f"{K2}:{i}") for i, d in enumerate(deltas)]
     kept = [d * m / density for d, m in zip(deltas, masks)]
     expected["dare_linear"] = sum(wi * k for wi, k in zip(w, kept))
+    kept_stack = torch.stack(kept)
+    elected = torch.where(kept_stack.sum(0) >= 0, 1.0, -1.0).double()  # sign of the unweighted sum
+    agree = kept_stack.sign() == elected
+    expected["dare_ties"] = (torch.stack([wi * k for wi, k in zip(w, kept)]) * agree).sum(0) / agree.sum(0).clamp_min(1)
     for key, want in expected.items():
         mode, _, sign_method = key.partition("/")
         got = merged_delta(job(K2, ts, w), MergeSettings(mode=mode, density=density, seed=7,
