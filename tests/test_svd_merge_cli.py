@@ -227,3 +227,30 @@ def test_exit_status_2_and_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ratios" in err[0]
+
+
+def test_fused_slice_adapter_and_bias_only_modules():
+    from library.formats.types import Target
+    from library.lora_combine import Group, Term
+    from library.svd_merge_plan import jobs_from_groups
+    from networks import FullDiffAdapter, adapter_from_tensors
+
+    # A LoRA on rows 4:8 of a 12-row fused weight is the same LoRA with zero rows elsewhere, bias included.
+    tensors = {"lora_down.weight": torch.randn(2, 5), "lora_up.weight": torch.randn(4, 2), "alpha": torch.tensor(1.0),
+               "lora_up.bias": torch.randn(4)}
+    target = Target("double_blocks.0.img_attn.qkv.weight", None, "transformer", (12, 5))
+    adapter = adapter_from_tensors(tensors, "q")
+    (job,) = jobs_from_groups([Group(target, [Term(adapter, 0.5, (4, 8), "f: q", bias_scale=0.5, slot=1)])], 2)
+    (slot, placed, weight), = job.parts
+    assert (slot, weight, job.n_inputs) == (1, 0.5, 2)
+    want = torch.zeros(12, 5, dtype=torch.float64)
+    want[4:8] = 0.5 * tensors["lora_up.weight"].double() @ tensors["lora_down.weight"].double()
+    up, down = placed.factors()
+    assert torch.allclose((up @ down).double(), want, atol=1e-6)
+    assert torch.allclose(placed.delta((12, 5)).double(), want, atol=1e-6)
+    bias = torch.zeros(12)
+    bias[4:8] = 0.5 * tensors["lora_up.bias"]
+    assert torch.allclose(placed.bias_delta, bias)
+    only_bias = Term(FullDiffAdapter(None, bias_delta=torch.randn(12)), 1.0, (0, 12), "f: norm")
+    with pytest.raises(LoraToolsError, match="bias"):
+        jobs_from_groups([Group(target, [only_bias])], 1)
