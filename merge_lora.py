@@ -115,7 +115,12 @@ def read_inputs(paths: list[str], family: str | None, allow_unmatched: bool) -> 
         for path, exc in ambiguous.items():
             if fallback is None:
                 raise exc
-            loras[path] = read_lora(path, family=fallback, allow_unmatched=allow_unmatched)
+            try:
+                loras[path] = read_lora(path, family=fallback, allow_unmatched=allow_unmatched)
+            except LoraToolsError:
+                # it fits several families, but not the one of the checkpoint / the other LoRAs
+                raise LoraToolsError(f"this LoRA is not for {fallback}, the family of the "
+                                     f"{'checkpoint' if family else 'other LoRAs'} ({exc.message})", file=path) from None
     return [loras[p] for p in paths]
 
 
@@ -261,6 +266,13 @@ def merge_loras(args: argparse.Namespace, ratios: list[float], block_weights) ->
 
 
 def main(args: argparse.Namespace) -> dict:
+    from library.checkpoint_apply import one_thread
+
+    with one_thread(resolve_device(args.device).type == "cpu"):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> dict:
     check_counts(args.ratios, args.models, "--ratios")
     ratios = args.ratios if args.ratios else [1.0] * len(args.models)
     block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,

@@ -233,7 +233,8 @@ def test_bad_inputs(tmp_path):
     save_file(dora, str(tmp_path / "dora.safetensors"))
     out = tmp_path / "out.safetensors"
     cases = [
-        ((tmp_path / "a.safetensors", tmp_path / "xl.safetensors"), [], "different model families"),
+        ((tmp_path / "a.safetensors", tmp_path / "xl.safetensors"), [], "this LoRA is not for sd1"),
+        ((tmp_path / "a.safetensors", tmp_path / "xl.safetensors"), ["--family", "sdxl"], "different model families"),
         ((tmp_path / "a.safetensors", tmp_path / "b.safetensors"), ["--mode", "add"], "needs equal ranks, got \\[4, 8\\]"),
         ((tmp_path / "a.safetensors",), ["--ratios", 1, 2], "--ratios has 2 values but 1 models"),
         ((tmp_path / "a.safetensors",), ["--lbws", "ALL", "INS"], "--lbws has 2 entries but 1 models"),
