@@ -323,3 +323,44 @@ def test_copy_fallback_without_copy_file_range(tmp_path, monkeypatch):
     for key in base:
         if key != SD1_TARGETS["lora_te_text_model_encoder_layers_0_self_attn_q_proj"][0] and base[key].dim():
             assert torch.equal(merged[key].view(torch.uint8), base[key].view(torch.uint8)), key
+
+
+def test_flux_diffusers_layout_split_qkv_and_swapped_final_layer(tmp_path):
+    """A kohya Flux LoRA (fused BFL qkv, BFL final modulation) into a diffusers-layout transformer: the qkv
+    rows land in to_q/to_k/to_v, and the (shift, scale) halves land swapped in norm_out.linear."""
+    g = torch.Generator().manual_seed(21)
+    h = 3072
+    base = {f"transformer_blocks.0.attn.to_{p}.weight": (torch.randn(h, h, generator=g) * 0.02).bfloat16()
+            for p in "qkv"}
+    base["norm_out.linear.weight"] = (torch.randn(2 * h, h, generator=g) * 0.02).bfloat16()
+    base["norm_out.linear.bias"] = torch.randn(2 * h, generator=g).bfloat16()
+    save_file(base, str(tmp_path / "flux_diffusers.safetensors"))
+    qkv, final = "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_final_layer_adaLN_modulation_1"
+    lora = {}
+    for name, rows in ((qkv, 3 * h), (final, 2 * h)):
+        lora[f"{name}.lora_down.weight"] = torch.randn(2, h, generator=g) / 10
+        lora[f"{name}.lora_up.weight"] = torch.randn(rows, 2, generator=g) / 10
+        lora[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(lora, str(tmp_path / "flux_lora.safetensors"), metadata={"ss_base_model_version": "flux1"})
+    out = tmp_path / "out.safetensors"
+    run("--sd_model", tmp_path / "flux_diffusers.safetensors", "--models", tmp_path / "flux_lora.safetensors",
+        "--ratios", 0.9, "--save_to", out, "--family", "flux1")
+    merged = load_file(str(out))
+    cols = 64
+
+    def d(name):  # BFL-order delta, first `cols` columns, float64
+        return 0.9 * 0.5 * lora[f"{name}.lora_up.weight"].double() @ lora[f"{name}.lora_down.weight"].double()[:, :cols]
+
+    def check(key, expected):
+        got = merged[key][:, :cols].double()
+        want = base[key][:, :cols].double() + expected
+        # one bf16 rounding of the sum, plus float32 noise on the delta (visible where W + ΔW nearly cancels)
+        tol = 2 ** -8 * want.abs() + 2 ** -22 * base[key][:, :cols].double().abs()
+        assert ((got - want).abs() <= tol).all(), key
+
+    fused = d(qkv)
+    for i, p in enumerate("qkv"):
+        check(f"transformer_blocks.0.attn.to_{p}.weight", fused[i * h:(i + 1) * h])
+    bfl = d(final)  # BFL rows: shift then scale; diffusers rows: scale then shift
+    check("norm_out.linear.weight", torch.cat([bfl[h:], bfl[:h]]))
+    assert torch.equal(merged["norm_out.linear.bias"], base["norm_out.linear.bias"])
