@@ -79,6 +79,8 @@ def diffusers_modules(family: str) -> dict[str, tuple[int, ...]]:
                 **{"text_encoder." + _clip(p): s for p, s in rows("clip_l")},
                 **{"text_encoder_2." + _clip(p): s for p, s in rows("clip_g") if p != "text_projection"},
                 **{"text_encoder_3." + p: s for p, s in rows("t5xxl")}}
+    if family in ("flux2", "qwen_image", "wan21"):
+        return {"transformer." + p: s for p, s in rows({"flux2": "flux2_dev", "wan21": "wan21_14b"}.get(family, family))}
     if family == "flux1":
         return {**{"transformer." + p: s for p, s in rows("flux1_dev")},
                 **{"text_encoder." + _clip(p): s for p, s in rows("clip_l")},
@@ -88,7 +90,8 @@ def diffusers_modules(family: str) -> dict[str, tuple[int, ...]]:
 
 # Repeated blocks are thinned to the first, second and last ones (plus SDXL's tenth transformer block) so
 # the suite stays fast on 2 cores; names and shapes stay real.
-_REPEATED = re.compile(r"(?:transformer_blocks|double_blocks|single_blocks|encoder[._]layers|encoder[._]block)[._](\d+)")
+_REPEATED = re.compile(r"(?:transformer_blocks|double_blocks|single_blocks|encoder[._]layers|encoder[._]block|"
+                       r"(?:^|[._])blocks)[._](\d+)")
 _KEEP = {0, 1, 9, 11, 18, 22, 23, 31, 37}
 
 
@@ -103,9 +106,9 @@ def _alpha_for(i: int) -> float:
 
 def lora_pair(shape: tuple[int, ...], gen: torch.Generator, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     out, inp = shape[0], shape[1]
-    if len(shape) == 4:
+    if len(shape) > 2:  # conv (Conv2d, and Conv3d patch embeddings): kernel on down, 1×1 up
         down = torch.randn(RANK, inp, *shape[2:], generator=gen)
-        up = torch.randn(out, RANK, 1, 1, generator=gen)
+        up = torch.randn(out, RANK, *[1] * (len(shape) - 2), generator=gen)
     else:
         down = torch.randn(RANK, inp, generator=gen)
         up = torch.randn(out, RANK, generator=gen)

@@ -106,10 +106,12 @@ def test_final_layer_swaps_only_the_up_halves():
     t = {"lora_unet_final_layer_adaLN_modulation_1.lora_down.weight": down,
          "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight": up,
          "lora_unet_final_layer_adaLN_modulation_1.alpha": torch.tensor(float(R))}
-    out, _ = lora_tensors(lora_from_tensors(t).modules, "flux1", "diffusers")
+    out, meta = lora_tensors(lora_from_tensors(t).modules, "flux1", "diffusers")
     assert out["transformer.norm_out.linear.lora_A.weight"].equal(down)
     assert out["transformer.norm_out.linear.lora_B.weight"].equal(torch.cat([up[H:], up[:H]]))
-    back, _ = lora_tensors(lora_from_tensors(out).modules, "flux1", "comfy")
+    # norm_out.linear alone also fits Qwen-Image; our own output records its family in the metadata
+    assert meta["loratools.family"] == "flux1"
+    back, _ = lora_tensors(lora_from_tensors(out, meta).modules, "flux1", "comfy")
     assert back["diffusion_model.final_layer.adaLN_modulation.1.lora_up.weight"].equal(up)
 
 
@@ -176,7 +178,8 @@ def test_split_parts_with_different_scales_fuse_exactly():
          "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": rnd(2 * R, H),
          "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": rnd(H, 2 * R),
          "transformer.transformer_blocks.0.attn.to_k.alpha": torch.tensor(8.0)}
-    out, _ = lora_tensors(lora_from_tensors(a).modules, "flux1", "kohya")
+    # attention-only diffusers names and widths are shared by Flux.1 and Qwen-Image: name the family
+    out, _ = lora_tensors(lora_from_tensors(a, family="flux1").modules, "flux1", "kohya")
     n = "lora_unet_double_blocks_0_img_attn_qkv"
     got = dense(out[f"{n}.lora_down.weight"], out[f"{n}.lora_up.weight"], float(out[f"{n}.alpha"]) / (3 * R))
     p = "transformer.transformer_blocks.0.attn."

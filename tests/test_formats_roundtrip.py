@@ -14,7 +14,7 @@ import torch
 from library.formats import lora_from_tensors, lora_tensors
 from tests.test_formats_fixtures import assert_same_deltas, diffusers_fixture, kohya_fixture, needs_shapes, probe_deltas
 
-FAMILIES = ("sd1", "sd2", "sdxl", "flux1", "sd3", "sd35_medium", "sd35_large")
+FAMILIES = ("sd1", "sd2", "sdxl", "flux1", "sd3", "sd35_medium", "sd35_large", "flux2", "qwen_image", "wan21")
 # Families whose kohya names the reference lists directly; the others start from their diffusers names.
 KOHYA_LISTED = ("sd1", "sd2", "sdxl", "flux1")
 FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
@@ -32,8 +32,10 @@ def start(family: str, fmt: str):
 
 
 def convert(tensors, meta, family, fmt):
-    # SD3-medium and SD3.5-medium share names and widths outside attn2, so thinned files name their family.
-    lora = lora_from_tensors(tensors, meta, family=family if family.startswith("sd3") else None)
+    # Thinned files can be ambiguous (SD3-medium vs SD3.5-medium outside attn2; Qwen-Image shares Flux's diffusers
+    # attention names and widths), so those name their family; the others are detected.
+    named = family.startswith("sd3") or family in ("qwen_image", "flux1")
+    lora = lora_from_tensors(tensors, meta, family=family if named else None)
     assert lora.family == family
     return lora_tensors(lora.modules, family, fmt)
 

@@ -131,6 +131,8 @@ def match_family(family: Family, modules: dict[str, dict[str, str]], bad: list[s
 
 
 def _hinted(metadata: Mapping[str, str], family: Family) -> bool:
+    if metadata.get("loratools.family"):  # written by us (library/formats/write.py)
+        return metadata["loratools.family"] == family.name
     text = " ".join(str(metadata.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture")).lower()
     return any(h in text for h in family.hints)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from library.formats import flux1, sd1, sd2, sd3, sdxl
+from library.formats import flux1, flux2, qwen_image, sd1, sd2, sd3, sdxl, wan21
 from library.formats.family import Family
 
-FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (sd1, sd2, sdxl, flux1)}
-BUILDERS = {m.FAMILY.name: m.build for m in (sd1, sd2, sdxl, flux1)}
+_MODULES = (sd1, sd2, sdxl, flux1, flux2, qwen_image, wan21)
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in _MODULES}
+BUILDERS = {m.FAMILY.name: m.build for m in _MODULES}
 for _name, (_family, _build) in sd3.FAMILIES.items():
     FAMILIES[_name] = _family
     BUILDERS[_name] = _build

@@ -25,6 +25,7 @@ from library.formats.types import LoraFile, Module
 from library.safetensors_io import cast_clamped, save_tensors
 
 WRITE_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
+FAMILY_KEY = "loratools.family"
 
 
 def lora_tensors(modules: Iterable[Module], family: str, fmt: str, notes: list[str] | None = None) \
@@ -64,7 +65,9 @@ def lora_tensors(modules: Iterable[Module], family: str, fmt: str, notes: list[s
                 tensors = swap_halves(tensors, shape, path)
             name = _name(spec, path)
             _emit(out, name, path, tensors, spec, peft)
-    extra: dict[str, str] = {}
+    # Our own record of the family: some module sets fit two families (Flux.1 and Qwen-Image share
+    # diffusers attention names and widths), and detection never guesses.
+    extra: dict[str, str] = {FAMILY_KEY: family}
     if peft:
         extra[PEFT_METADATA_KEY] = adapter_metadata(peft)
         extra["format"] = "pt"

@@ -1,0 +1,30 @@
+"""The common shape of newer transformer families (Flux.2, Qwen-Image, Wan): a native naming (BFL/original
+names, used by ComfyUI, AI-Toolkit and musubi-tuner) and a diffusers naming, no text-encoder LoRAs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from library.formats.family import Family, WriteSpec
+
+
+def transformer_family(name: str, description: str, native: str, block_id: Callable[[str], str | None],
+                       hints: tuple[str, ...] = ()) -> Family:
+    return Family(
+        name=name, description=description,
+        namings={"transformer": (native, "diffusers")},
+        read_prefixes=(("lora_unet_", "transformer"), ("lora_transformer_", "transformer"), ("lycoris_", "transformer"),
+                       ("model.diffusion_model.", "transformer"), ("diffusion_model.", "transformer"),
+                       ("transformer.base_model.model.", "transformer"), ("base_model.model.", "transformer"),
+                       ("transformer.", "transformer"), ("", "transformer")),
+        write={
+            # musubi-tuner / sd-scripts flatten the native names
+            "kohya": {"transformer": WriteSpec("lora_unet_", native, flat=True)},
+            "diffusers": {"transformer": WriteSpec("transformer.", "diffusers", peft=True, alpha="metadata",
+                                                   adapter_name="transformer")},
+            # AI-Toolkit saves newer models with `diffusion_model.` + native names, PEFT tensors, alpha = rank
+            "ai-toolkit": {"transformer": WriteSpec("diffusion_model.", native, peft=True, alpha="bake")},
+            "comfy": {"transformer": WriteSpec("diffusion_model.", native)},
+        },
+        block_id=block_id, hints=hints, checkpoint_layouts={"diffusers": ("", "diffusers")},
+    )
