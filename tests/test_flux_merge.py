@@ -450,3 +450,30 @@ def test_svd_and_factor_modes_into_one_lora(ai_toolkit_pair, tmp_path):
     assert read_lora(tmp_path / "ties.safetensors").format == "comfy"
     with pytest.raises(LoraToolsError, match="new_rank"):
         run(["--models", str(d / "a.safetensors"), "--mode", "svd", "--save_to", str(tmp_path / "x.safetensors")])
+
+
+def test_xlabs_and_diffusion_model_prefixed_peft(tmp_path):
+    """xlabs processors (`processor.qkv_lora1`, no alpha) and AI-Toolkit's `diffusion_model.` + BFL names, mixed,
+    into a diffusers-layout checkpoint (the fused qkv delta lands on to_q/to_k/to_v)."""
+    keys = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.proj.weight",
+            "double_blocks.0.txt_attn.proj.weight", "final_layer.linear.weight", "img_in.weight"]
+    base = bfl_checkpoint(tmp_path / "bfl.safetensors", torch.float32, seed=15, keys=keys)
+    diffusers_checkpoint(base, tmp_path / "t.safetensors")
+    g = _gen(16)
+    xl = {"double_blocks.0.processor.qkv_lora1.down.weight": torch.randn(8, H, generator=g) * 0.1,
+          "double_blocks.0.processor.qkv_lora1.up.weight": torch.randn(3 * H, 8, generator=g) * 0.1}
+    dm = {"diffusion_model.double_blocks.0.txt_attn.proj.lora_A.weight": torch.randn(8, H, generator=g) * 0.1,
+          "diffusion_model.double_blocks.0.txt_attn.proj.lora_B.weight": torch.randn(H, 8, generator=g) * 0.1}
+    save_tensors(tmp_path / "xlabs.safetensors", xl)
+    save_tensors(tmp_path / "dm.safetensors", dm)
+    run(["--flux_model", str(tmp_path / "t.safetensors"), "--models", str(tmp_path / "xlabs.safetensors"),
+         str(tmp_path / "dm.safetensors"), "--ratios", "0.5", "2", "--save_to", str(tmp_path / "o.safetensors"),
+         "--working_device", "cpu"])
+    out, _ = load_tensors(tmp_path / "o.safetensors")
+    fused = {k: torch.cat([out[f"{n}.weight"] for n, _ in DIFFUSERS_OF[k.rsplit(".", 1)[0]]]) for k in base}
+    d_qkv = 0.5 * xl["double_blocks.0.processor.qkv_lora1.up.weight"].double() @ \
+        xl["double_blocks.0.processor.qkv_lora1.down.weight"].double()
+    d_txt = 2 * dm["diffusion_model.double_blocks.0.txt_attn.proj.lora_B.weight"].double() @ \
+        dm["diffusion_model.double_blocks.0.txt_attn.proj.lora_A.weight"].double()
+    check_merged(fused, base, {"double_blocks.0.img_attn.qkv.weight": {(0, 3 * H): d_qkv},
+                               "double_blocks.0.txt_attn.proj.weight": {(0, H): d_txt}}, tol=1e-6)
