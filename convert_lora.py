@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"  … {len(notes) - 5} more split/fused modules (-v lists them)")
     summary = {"family": lora.family, "input_format": lora.format, "output_format": args.to,
                "modules_in": len(lora.modules), "tensors_out": len(tensors), "regrouped": len(notes)}
-    if out is None:
+    if out is None or args.dry_run:
         print(f"dry run: would write {len(tensors)} tensors in {args.to} format")
         return summary
     metadata = {k: v for k, v in lora.metadata.items() if k not in STALE_ON_WRITE}

@@ -100,3 +100,10 @@ def test_split_qkv_alpha_is_reported_and_fixed_on_request(tmp_path, capsys):
     assert float(load_tensors(tmp_path / "a.safetensors")[0][f"{name}.alpha"]) == 1.0
     code, out = run([str(src), str(tmp_path / "b.safetensors"), "--to", "kohya", "--fix_split_qkv_alpha"], capsys)
     assert float(load_tensors(tmp_path / "b.safetensors")[0][f"{name}.alpha"]) == 3.0
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    src, dst = tmp_path / "aitk.safetensors", tmp_path / "out.safetensors"
+    save_tensors(src, ai_toolkit_single_block(2))
+    code, out = run([str(src), str(dst), "--to", "comfy", "--dry_run"], capsys)
+    assert code == 0 and "dry run" in out.out and not dst.exists()
