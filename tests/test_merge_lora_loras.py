@@ -262,3 +262,22 @@ def test_add_reports_error_per_layer(tmp_path, capsys):
     (report,) = result["reports"]
     assert report.relative_error == pytest.approx(measured, rel=1e-4)
     assert json.loads(json.dumps(report.relative_error)) > 0.1  # unrelated LoRAs: cross terms are large
+
+
+def test_cli_exit_status_and_one_line(tmp_path):
+    """Through the real script: exit 2, one stderr line naming the file, no output."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    make_lora(tmp_path / "a.safetensors", [Q, TE], rank=4, alpha=4, seed=18)
+    make_lora(tmp_path / "b.safetensors", [Q], rank=8, alpha=4, seed=19)
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.run([sys.executable, "merge_lora.py", "--models", str(tmp_path / "a.safetensors"),
+                           str(tmp_path / "b.safetensors"), "--mode", "ties", "--save_to", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "equal ranks" in lines[0] and "svd_merge_lora.py" in lines[0]
+    assert not out.exists()
