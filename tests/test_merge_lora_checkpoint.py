@@ -364,3 +364,18 @@ def test_flux_diffusers_layout_split_qkv_and_swapped_final_layer(tmp_path):
     bfl = d(final)  # BFL rows: shift then scale; diffusers rows: scale then shift
     check("norm_out.linear.weight", torch.cat([bfl[h:], bfl[:h]]))
     assert torch.equal(merged["norm_out.linear.bias"], base["norm_out.linear.bias"])
+
+
+def test_pickled_ckpt_input_gives_the_same_result(tmp_path):
+    base = sd1_checkpoint(tmp_path / "base.safetensors")
+    torch.save({"state_dict": base, "global_step": 10}, str(tmp_path / "base.ckpt"))
+    sd1_lora(tmp_path / "a.safetensors")
+    outs = []
+    for name in ("base.safetensors", "base.ckpt"):
+        out = tmp_path / f"from_{name}.safetensors"
+        run("--sd_model", tmp_path / name, "--models", tmp_path / "a.safetensors", "--ratios", 0.6, "--save_to", out,
+            "--family", "sd1", "--no_metadata")
+        outs.append(load_file(str(out)))
+    assert outs[0].keys() == outs[1].keys()
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
