@@ -79,7 +79,7 @@ def diffusers_modules(family: str) -> dict[str, tuple[int, ...]]:
                 **{"text_encoder." + _clip(p): s for p, s in rows("clip_l")},
                 **{"text_encoder_2." + _clip(p): s for p, s in rows("clip_g") if p != "text_projection"},
                 **{"text_encoder_3." + p: s for p, s in rows("t5xxl")}}
-    if family in ("flux2", "qwen_image", "wan21"):
+    if family in ("flux2", "qwen_image", "wan21", "z_image"):
         return {"transformer." + p: s for p, s in rows({"flux2": "flux2_dev", "wan21": "wan21_14b"}.get(family, family))}
     if family == "flux1":
         return {**{"transformer." + p: s for p, s in rows("flux1_dev")},
@@ -91,7 +91,7 @@ def diffusers_modules(family: str) -> dict[str, tuple[int, ...]]:
 # Repeated blocks are thinned to the first, second and last ones (plus SDXL's tenth transformer block) so
 # the suite stays fast on 2 cores; names and shapes stay real.
 _REPEATED = re.compile(r"(?:transformer_blocks|double_blocks|single_blocks|encoder[._]layers|encoder[._]block|"
-                       r"(?:^|[._])blocks)[._](\d+)")
+                       r"(?:^|\.)(?:blocks|layers)(?=\.))[._](\d+)")
 _KEEP = {0, 1, 9, 11, 18, 22, 23, 31, 37}
 
 

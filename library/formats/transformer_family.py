@@ -9,7 +9,8 @@ from library.formats.family import Family, WriteSpec
 
 
 def transformer_family(name: str, description: str, native: str, block_id: Callable[[str], str | None],
-                       hints: tuple[str, ...] = ()) -> Family:
+                       hints: tuple[str, ...] = (), kohya_naming: str | None = None) -> Family:
+    """`kohya_naming`: the naming musubi-tuner flattens for this model, when it is not the native one."""
     return Family(
         name=name, description=description,
         namings={"transformer": (native, "diffusers")},
@@ -19,7 +20,7 @@ def transformer_family(name: str, description: str, native: str, block_id: Calla
                        ("transformer.", "transformer"), ("", "transformer")),
         write={
             # musubi-tuner / sd-scripts flatten the native names
-            "kohya": {"transformer": WriteSpec("lora_unet_", native, flat=True)},
+            "kohya": {"transformer": WriteSpec("lora_unet_", kohya_naming or native, flat=True)},
             "diffusers": {"transformer": WriteSpec("transformer.", "diffusers", peft=True, alpha="metadata",
                                                    adapter_name="transformer")},
             # AI-Toolkit saves newer models with `diffusion_model.` + native names, PEFT tensors, alpha = rank
