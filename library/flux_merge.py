@@ -21,36 +21,43 @@ FAMILY = "flux1"
 # component -> (flag name, canonical key prefix of that text encoder)
 TEXT_ENCODERS = {"te1": ("clip_l", "text_encoders.clip_l.transformer."),
                  "t5": ("t5xxl", "text_encoders.t5xxl.transformer.")}
-# Words in a LoRA's metadata that name a model whose module names collide with Flux.1's.
-OTHER_MODELS = {"flux.2": "Flux.2", "flux-2": "Flux.2", "flux2": "Flux.2", "hunyuan": "HunyuanVideo",
-                "chroma": "Chroma", "sd3": "SD3", "auraflow": "AuraFlow", "wan2": "Wan", "wan-2": "Wan", "ltx": "LTX-Video"}
-ROW_CHUNK_ELEMENTS = 1 << 23  # ≈32 MiB of float32 per chunk of an update
-
-
-# ---------------------------------------------------------------------------------------------------------
-# LoRAs
+# Models outside library.formats whose module names collide with Flux.1's (HunyuanVideo's single blocks
+# have `linear1`/`linear2` of the same shapes): named by these words in a LoRA's metadata.
+UNLISTED_MODELS = {"hunyuan": "HunyuanVideo", "chroma": "Chroma", "auraflow": "AuraFlow", "ltx": "LTX-Video"}
 
 
 def _other_model(metadata: dict[str, str]) -> str | None:
+    """Another model named by `ss_base_model_version` / `modelspec.architecture`, if any."""
     text = " ".join(str(metadata.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture")).lower()
-    return next((model for word, model in OTHER_MODELS.items() if word in text), None)
+    if any(h in text for h in FAMILIES[FAMILY].hints):
+        return None
+    for fam in FAMILIES.values():
+        if fam.name != FAMILY and any(h in text for h in fam.hints):
+            return fam.description
+    return next((model for word, model in UNLISTED_MODELS.items() if word in text), None)
 
 
 def read_flux_lora(path: str, allow_unmatched: bool = False) -> LoraFile:
-    """A Flux.1 LoRA of any supported format; anything else is a clear error naming what it looks like."""
-    try:
-        lora = read_lora(path, allow_unmatched=allow_unmatched)
-    except LoraToolsError as exc:
-        from library.safetensors_io import LazyReader
+    """A Flux.1 LoRA of any supported format; anything else is a clear error naming what it looks like.
 
-        with LazyReader(path) as reader:
-            other = _other_model(reader.metadata)
-        hint = f" (its metadata says {other})" if other else ""
-        raise LoraToolsError(f"not a FLUX.1 LoRA{hint}: {exc.message}",
-                             file=path) from None
-    if lora.family != FAMILY:
-        raise LoraToolsError(f"this is a {FAMILIES[lora.family].description} LoRA, not FLUX.1; "
-                             f"use merge_lora.py / svd_merge_lora.py for it", file=path)
+    Read as Flux.1 first: this script knows the family, and some Flux.1 module sets also fit other
+    families (diffusers `transformer_blocks.N.attn.to_q` is in Qwen-Image too). When the file does not
+    fit Flux.1, automatic detection names the family it fits instead.
+    """
+    try:
+        lora = read_lora(path, family=FAMILY, allow_unmatched=allow_unmatched)
+    except LoraToolsError as exc:
+        try:
+            other = read_lora(path)
+        except LoraToolsError:
+            from library.safetensors_io import LazyReader
+
+            with LazyReader(path) as reader:
+                named = _other_model(reader.metadata)
+            hint = f" (its metadata says {named})" if named else ""
+            raise LoraToolsError(f"not a FLUX.1 LoRA{hint}: {exc.message}", file=path) from None
+        raise LoraToolsError(f"this is a {FAMILIES[other.family].description} LoRA, not FLUX.1; "
+                             f"use merge_lora.py / svd_merge_lora.py for it", file=path) from None
     other = _other_model(lora.metadata)
     if other:
         raise LoraToolsError(f"the module names fit FLUX.1 but the metadata says {other}, whose layers share "

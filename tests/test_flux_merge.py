@@ -204,7 +204,7 @@ def test_formats_give_identical_checkpoints(tmp_path):
     mods = {"transformer_blocks.0.attn.to_q": (H, H), "transformer_blocks.0.attn.to_k": (H, H),
             "transformer_blocks.0.attn.to_out.0": (H, H)}
     peft_lora(tmp_path / "ait.safetensors", mods, seed=4)
-    lora = read_lora(tmp_path / "ait.safetensors")
+    lora = read_lora(tmp_path / "ait.safetensors", family="flux1")
     save_lora(tmp_path / "kohya.safetensors", lora, fmt="kohya")
     save_lora(tmp_path / "diffusers.safetensors", lora, fmt="diffusers")
     outs = []
