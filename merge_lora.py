@@ -266,7 +266,8 @@ def merge_loras(args: argparse.Namespace, ratios: list[float], block_weights) ->
     tensors = {k: v if k.endswith(".alpha") or not v.is_floating_point() else cast_clamped(v, save_dtype).contiguous()
                for k, v in tensors.items()}
     seeded = args.shuffle or mode in ("dare_linear", "dare_ties") or any(b is not None for b in block_weights)
-    meta = lora_metadata(first.metadata, family=family, ranks=ranks or [0], alphas=ranks or [0], save_to=save_to or "",
+    alphas = [r.alpha for r in reports if r.alpha is not None]
+    meta = lora_metadata(first.metadata, family=family, ranks=ranks or [0], alphas=alphas or [0], save_to=save_to or "",
                          merged_from=[title_of(p, inp.lora.metadata) for p, inp in zip(args.models, inputs)],
                          extra=provenance("merge_lora.py", args, args.models, seed=args.seed if seeded else None))
     meta.update(extra)

@@ -56,6 +56,7 @@ class LayerReport:
     kind: str  # "lora" or "diff"
     rank: int | None
     relative_error: float  # ‖result − Σ wᵢΔWᵢ‖ / ‖Σ wᵢΔWᵢ‖ (0 for the exact modes)
+    alpha: float | None = None
 
 
 def group_targets(inputs: list[LoraInput]) -> tuple[str, list[Group]]:
@@ -146,12 +147,30 @@ def _bias(group: Group) -> torch.Tensor | None:
     return sum(_padded(t.adapter.bias_delta.float() * (t.weight * t.bias_scale), t.rows, total) for t in terms)
 
 
-def _lora_tensors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def _lora_tensors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...],
+                  alpha: float | None = None) -> dict[str, torch.Tensor]:
     rank = up.shape[1]
     if len(shape) == 4:
         up, down = up.reshape(shape[0], rank, 1, 1), down.reshape(rank, *shape[1:])
     return {"lora_down.weight": down.contiguous(), "lora_up.weight": up.contiguous(),
-            "alpha": torch.tensor(float(rank), dtype=torch.float32)}
+            "alpha": torch.tensor(float(rank) if alpha is None else alpha, dtype=torch.float32)}
+
+
+def _concat(terms: list[Term], total: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Stacked factors and alpha with (alpha/R)·up@down = Σ wᵢsᵢ·upᵢ@downᵢ exactly.
+
+    The common factor c = |w₁s₁| goes into alpha (= c·R) and only the ratios wᵢsᵢ/c into the ups, so
+    inputs that share a strength and scale keep their factors bit for bit (no rounding on save).
+    """
+    coefs = [t.weight * t.adapter.scale for t in terms]
+    common = next((abs(c) for c in coefs if c != 0), 1.0)
+    ups, downs = [], []
+    for t in terms:
+        up, down = t.adapter.up, t.adapter.factors()[1]  # down with any Tucker core folded in; up unscaled
+        ups.append(_padded(up.float().reshape(up.shape[0], -1), t.rows, total))
+        downs.append(down)
+    up, down = stack_factors(ups, downs, [c / common for c in coefs])
+    return up, down, common * up.shape[1]
 
 
 def _shuffled(up: torch.Tensor, down: torch.Tensor, seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,20 +203,21 @@ def combine(groups: list[Group], mode: str = "concat", *, density: float = 1.0, 
                                      f"adapters (use --mode concat for an exact diff, or svd_merge_lora.py)", key=name)
             dense = sum(t.weight * _dense(t, target) for t in group.terms)
             tensors = {"diff": dense.reshape(target.shape).contiguous()}
-            reports.append(LayerReport(name, "diff", None, 0.0))
+            reports.append(LayerReport(name, "diff", None, 0.0, None))
         else:
-            ups, downs = zip(*(_factors(t, total, symmetric=mode != "concat") for t in group.terms))
+            alpha = None
             if mode == "concat":
-                up, down = stack_factors(list(ups), list(downs), weights)
+                up, down, alpha = _concat(group.terms, total)
                 error = 0.0
             else:
+                ups, downs = zip(*(_factors(t, total, symmetric=True) for t in group.terms))
                 ctx = MergeContext(density=density, sign_method=sign_method, seed=seed, name=name)
                 up, down = merge_factors(mode, list(ups), list(downs), weights, ctx)
                 error = _relative_error(up, down, ups, downs, weights) if measure else float("nan")
             if shuffle:
                 up, down = _shuffled(up, down, seed, name)
-            tensors = _lora_tensors(up, down, target.shape)
-            reports.append(LayerReport(name, "lora", int(up.shape[1]), error))
+            tensors = _lora_tensors(up, down, target.shape, alpha)
+            reports.append(LayerReport(name, "lora", int(up.shape[1]), error, float(tensors["alpha"])))
         bias = _bias(group)
         if bias is not None:
             tensors["diff_b"] = bias

@@ -281,3 +281,19 @@ def test_cli_exit_status_and_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "equal ranks" in lines[0] and "svd_merge_lora.py" in lines[0]
     assert not out.exists()
+
+
+def test_concat_keeps_factors_bit_for_bit_when_strengths_agree(tmp_path):
+    """The common strength×scale goes into alpha: equal inputs keep their fp16 factors unchanged."""
+    g = torch.Generator().manual_seed(20)
+    t = {f"{Q}.lora_down.weight": torch.randn(4, 320, generator=g).half(),
+         f"{Q}.lora_up.weight": torch.randn(320, 4, generator=g).half(), f"{Q}.alpha": torch.tensor(3.0).half()}
+    save_file(t, str(tmp_path / "h.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    out = tmp_path / "hh.safetensors"
+    run("--models", tmp_path / "h.safetensors", tmp_path / "h.safetensors", "--ratios", 0.3, 0.3, "--save_to", out)
+    merged = load_file(str(out))
+    assert merged[f"{Q}.lora_up.weight"].dtype == torch.float16
+    assert torch.equal(merged[f"{Q}.lora_up.weight"], torch.cat([t[f"{Q}.lora_up.weight"]] * 2, dim=1))
+    assert torch.equal(merged[f"{Q}.lora_down.weight"], torch.cat([t[f"{Q}.lora_down.weight"]] * 2))
+    assert float(merged[f"{Q}.alpha"]) == pytest.approx(0.3 * 3.0 / 4 * 8, rel=1e-7)  # alpha/8 = 0.3·(3/4)
+    assert torch.allclose(delta(merged, Q), 2 * 0.3 * delta(t, Q), rtol=1e-6, atol=1e-9)
