@@ -205,11 +205,10 @@ def merge_into_checkpoint(args: argparse.Namespace, ratios: list[float], block_w
             metadata = {k: v for k, v in getattr(reader, "metadata", {}).items() if k not in STALE_ON_WRITE}
             metadata.update(provenance("merge_lora.py", args, args.models, seed=args.seed))
             metadata["loratools.base_model"] = os.path.basename(args.sd_model)
-        bar = progress(list(reader.keys()), desc="merge", enabled=sys.stderr.isatty())
         result = apply_plan(reader, plan, save_to, metadata=metadata, save_dtype=save_dtype, compute_dtype=cdtype,
                             device=device, inputs=[args.sd_model, *args.models], overwrite=args.overwrite,
-                            progress=lambda keys: bar, measure=True if args.verbose else None)
-        bar.close()
+                            progress=lambda keys: progress(keys, desc="merge", enabled=sys.stderr.isatty()),
+                            measure=True if args.verbose else None)
     print(f"wrote {save_to}: {len(result.changed)} tensors changed, {result.copied} copied bit for bit"
           + (f", {result.cast} cast to {args.save_precision}" if result.cast else ""))
     lossy = [s for s in result.changed if s.relative_error > LOSSY]

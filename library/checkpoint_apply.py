@@ -196,7 +196,7 @@ def apply_plan(reader, plan: Plan, save_to: str, *, metadata: Mapping[str, str] 
     specs = {k: (out_dtype(k), tuple(reader.shape(k))) for k in keys}
     result = ApplyResult()
     nonfinite = NonFiniteTracker("merged")
-    iterator = progress(keys) if progress else keys
+    iterator = progress(keys) if progress else keys  # must yield `keys` (file order, so reads stream)
     with one_thread(device is None or device.type == "cpu"):
         _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator, compute_dtype, device,
                 chunk_elements, result, nonfinite, measure)
@@ -225,6 +225,7 @@ def _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator,
             result, nonfinite, measure) -> None:
     header = getattr(reader, "header", None) if isinstance(reader, LazyReader) else None
     to_read = [k for k in specs if plan.contributions.get(k) or specs[k][0] != reader.dtype(k)]
+    must_read = set(to_read)
     # One tensor is read ahead on a thread while the current one is computed and written (file reads and
     # torch ops both release the GIL), so the disk and the CPU work at the same time.
     with StreamingWriter(save_to, specs, metadata, inputs=inputs, overwrite=overwrite) as writer, \
@@ -240,14 +241,15 @@ def _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator,
         for key in iterator:
             contributions = plan.contributions.get(key)
             dtype = specs[key][0]
-            if key not in ahead:  # untouched and kept in its dtype: copied byte for byte
+            if key not in must_read:  # untouched and kept in its dtype: copied byte for byte
                 if header is not None:
                     writer.copy_from_file(key, reader.path, header.data_start + header.tensors[key].begin)
                 else:
                     writer.write_raw(key, reader.get_raw(key))
                 result.copied += 1
                 continue
-            stored = ahead.pop(key).result()
+            future = ahead.pop(key, None)
+            stored = future.result() if future is not None else read_tensor(reader, key)
             prefetch(next_read)
             next_read += 1
             if not contributions:

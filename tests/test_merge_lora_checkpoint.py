@@ -379,3 +379,17 @@ def test_pickled_ckpt_input_gives_the_same_result(tmp_path):
     assert outs[0].keys() == outs[1].keys()
     for key in outs[0]:
         assert torch.equal(outs[0][key], outs[1][key]), key
+
+
+def test_order_of_iteration_does_not_change_the_result(tmp_path, monkeypatch):
+    """Read-ahead follows file order; a progress wrapper yielding keys in another order must not make a
+    changed tensor look untouched (it would then be copied unmerged)."""
+    base = sd1_checkpoint(tmp_path / "base.safetensors")
+    fa = sd1_lora(tmp_path / "a.safetensors")
+    monkeypatch.setattr(merge_lora, "progress", lambda keys, **_: list(reversed(list(keys))))
+    out = tmp_path / "out.safetensors"
+    run("--sd_model", tmp_path / "base.safetensors", "--models", tmp_path / "a.safetensors", "--save_to", out,
+        "--family", "sd1")
+    merged = load_file(str(out))
+    for key, shape in SD1_TARGETS.values():
+        assert torch.allclose(merged[key].double(), base[key].double() + delta64(*fa[key], shape), atol=2e-5), key
