@@ -193,13 +193,13 @@ def seed_for(key: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def extract_layer(task: LayerTask, base: torch.Tensor, tuned: torch.Tensor, options: ExtractOptions) -> LayerResult:
+def extract_layer(task: LayerTask, delta: torch.Tensor, options: ExtractOptions) -> LayerResult:
+    """One task on the key's difference `delta` (float32, on the device). Works in place on the task's rows:
+    tasks of one key take disjoint row slices, so they may share the buffer."""
     start = time.perf_counter()
     result = LayerResult(task)
-    delta = difference(base, tuned, options)
     if task.rows is not None:
         delta = delta[task.rows[0]:task.rows[1]]
-    del base, tuned
     result.norm = exact_norm(delta) if delta.numel() else 0.0
     result.max_abs = max_abs(delta) if delta.numel() else 0.0
     if result.norm == 0.0:
@@ -256,13 +256,18 @@ def run_extraction(pair: CheckpointPair, tasks: list[LayerTask], options: Extrac
     for task in tasks:
         by_key.setdefault(task.key, []).append(task)
     keys = list(by_key)
-    iterator = pair.pairs(keys)
-    if progress is not None:
-        iterator = progress(iterator, len(keys))
+    iterator = keys if progress is None else progress(keys, len(keys))
     results: list[LayerResult] = []
-    for key, base, tuned in iterator:
+    for key in iterator:
+        base, tuned = pair.read(key)
+        start = time.perf_counter()
+        delta = difference(base, tuned, options)
+        del base, tuned  # only the float32 difference is needed from here on
+        read_seconds = time.perf_counter() - start
         for task in by_key[key]:
-            results.append(extract_layer(task, base, tuned, options))
-        del base, tuned
+            result = extract_layer(task, delta, options)
+            result.seconds += read_seconds / len(by_key[key])
+            results.append(result)
+        del delta
         release_freed_memory()
     return results

@@ -10,7 +10,7 @@ model. `--mem_eff_safe_open` (sd-scripts' flag) is therefore our default; `mmap=
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +65,10 @@ class PairMatch:
 
 
 class CheckpointPair:
-    """Two checkpoints opened lazily; `pairs(keys)` yields (key, base, tuned) one pair at a time."""
+    """Two checkpoints opened lazily; `read(key)` gives one (base, tuned) pair at a time.
+
+    (No generator over pairs: a generator frame would keep the last pair alive while the caller works.)
+    """
 
     def __init__(self, base_path: str, tuned_path: str, *, mmap: bool = False):
         self.base_path = os.fspath(base_path)
@@ -120,8 +123,3 @@ class CheckpointPair:
 
     def read(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         return read_tensor(self.base, key, mmap=self.mmap), read_tensor(self.tuned, key, mmap=self.mmap)
-
-    def pairs(self, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        for key in keys:
-            base, tuned = self.read(key)
-            yield key, base, tuned
