@@ -137,7 +137,10 @@ def _modules(fm: FileMatch, tensors: Mapping[str, torch.Tensor], alphas: PeftAlp
         elif alphas and "lora_down.weight" in t:
             alpha = alphas.alpha_for(m.prefix, m.path)
             if alpha is not None:
-                t["alpha"] = torch.tensor(alpha, dtype=torch.float32)
+                # in the weights' dtype, as kohya files store it, when that dtype holds the value exactly
+                dtype = t["lora_down.weight"].dtype
+                exact = dtype.is_floating_point and float(torch.tensor(alpha, dtype=dtype)) == alpha
+                t["alpha"] = torch.tensor(alpha, dtype=dtype if exact else torch.float32)
         axis = None
         if "dora_scale" in t:
             t["dora_scale"], axis = _dora(t["dora_scale"], keys["dora_scale"], shape, name)
