@@ -52,10 +52,6 @@ def run_script(name: str, argv: list[str]) -> None:
     module.main(module.setup_parser().parse_args(argv))
 
 
-def available(script: str) -> bool:
-    return os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{script}.py"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", default=None, help="folder to keep the example files in")
@@ -79,8 +75,7 @@ def main() -> None:
                          "--save_to", out("a_small.safetensors"), "--overwrite", "--device", "cpu"]),
     ]
     for script, argv in steps:
-        if available(script):
-            run_script(script, argv)
+        run_script(script, argv)
     print(f"\ndone; the files are in {folder}")
 
 
