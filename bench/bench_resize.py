@@ -27,8 +27,8 @@ from collections import defaultdict
 import torch
 
 from bench.common import report
-from library.lowrank import factored_svd, select_rank
-from library.resize import ResizeJob, ResizeSettings, rank_cap, resize_layers
+from library.lowrank import factored_svd, rank_cap, select_rank
+from library.resize import ResizeJob, ResizeSettings, resize_layers
 from networks import adapter_from_tensors
 
 SHAPES = "/work/shared/reference/shapes" if os.path.isdir("/work/shared/reference/shapes") else \

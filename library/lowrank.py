@@ -342,3 +342,15 @@ def quantile_bound(up: torch.Tensor, down: torch.Tensor, quantile: float) -> flo
     lo_v = pooled.kthvalue(lo_i + 1).values
     hi_v = pooled.kthvalue(min(lo_i + 2, pooled.numel())).values
     return float(lo_v + (hi_v - lo_v) * frac)
+
+
+def is_conv_kernel(shape: Sequence[int]) -> bool:
+    """A k×k convolution (not 1×1): the layers that --new_conv_rank / --conv_dim govern."""
+    return len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+
+
+def rank_cap(shape: Sequence[int], settings) -> int:
+    """`settings.new_conv_rank` for k×k convs, `settings.new_rank` for Linear and 1×1 convs (sd-scripts' rule)."""
+    if is_conv_kernel(shape) and settings.new_conv_rank is not None:
+        return settings.new_conv_rank
+    return settings.new_rank

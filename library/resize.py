@@ -27,7 +27,9 @@ from library.lowrank import (
     DYNAMIC_METHODS,
     dense_sq_norm,
     factored_svd,
+    is_conv_kernel,
     randomized_svd,
+    rank_cap,
     retained,
     seeded_generator,
     select_rank,
@@ -83,17 +85,6 @@ class ResizeResult:
     name: str
     tensors: dict[str, torch.Tensor]  # kohya suffixes: lora_down.weight, lora_up.weight, alpha (+ diff_b)
     report: dict
-
-
-def is_conv_kernel(shape: Sequence[int]) -> bool:
-    return len(shape) == 4 and tuple(shape[2:]) != (1, 1)
-
-
-def rank_cap(shape: Sequence[int], settings: ResizeSettings) -> int:
-    """--new_conv_rank for k×k convs, --new_rank for Linear and 1×1 convs (sd-scripts' rule)."""
-    if is_conv_kernel(shape) and settings.new_conv_rank is not None:
-        return settings.new_conv_rank
-    return settings.new_rank
 
 
 def is_removed(job: ResizeJob, settings: ResizeSettings) -> bool:

@@ -31,6 +31,7 @@ from library.lowrank import (
     factored_svd,
     lowrank_fro_norm_sq,
     randomized_svd,
+    rank_cap,
     seeded_generator,
     select_rank,
     svd_to_lora,
@@ -106,17 +107,6 @@ class LayerResult:
     alpha: float
     bias: torch.Tensor | None
     report: dict
-
-
-def is_conv_kernel(shape: Sequence[int]) -> bool:
-    return len(shape) == 4 and tuple(shape[2:]) != (1, 1)
-
-
-def rank_cap(shape: Sequence[int], settings: MergeSettings) -> int:
-    """--new_conv_rank for k×k convs, --new_rank for Linear and 1×1 convs (sd-scripts' rule)."""
-    if is_conv_kernel(shape) and settings.new_conv_rank is not None:
-        return settings.new_conv_rank
-    return settings.new_rank
 
 
 def uses_factored_route(job: LayerJob, settings: MergeSettings) -> bool:
