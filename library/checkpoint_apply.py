@@ -12,6 +12,7 @@ Memory stays bounded by the largest stored tensor, whatever the checkpoint size:
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from library.safetensors_io import LazyReader, StreamingWriter
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32 per work buffer: the chunk loop runs in cache
 CHUNK_ELEMENTS_GPU = 1 << 24
+WORKERS = 2  # threads reading and computing changed tensors
+IN_FLIGHT = 3  # changed tensors held at once (read, being computed, or waiting to be written)
 
 
 @dataclass
@@ -224,43 +227,45 @@ def one_thread(enabled: bool = True):
 def _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator, compute_dtype, device, chunk_elements,
             result, nonfinite, measure) -> None:
     header = getattr(reader, "header", None) if isinstance(reader, LazyReader) else None
-    to_read = [k for k in specs if plan.contributions.get(k) or specs[k][0] != reader.dtype(k)]
-    must_read = set(to_read)
-    # One tensor is read ahead on a thread while the current one is computed and written (file reads and
-    # torch ops both release the GIL), so the disk and the CPU work at the same time.
+
+    def job(key: str, dtype: torch.dtype, contributions) -> tuple[torch.Tensor, KeyStats | None]:
+        stored = read_tensor(reader, key)
+        if not contributions:
+            return stored, None  # the writer casts (clamped) to the planned dtype
+        measured = measure if measure is not None else dtype.itemsize == 1
+        stats = KeyStats(key) if measured else None
+        new = updated_tensor(stored, contributions, out_dtype=dtype, compute_dtype=compute_dtype, device=device,
+                             chunk_elements=chunk_elements, stats=stats)
+        return new, stats or KeyStats(key)
+
+    def finish(key: str, future) -> None:
+        new, stats = future.result()
+        writer.write(key, new)
+        if stats is None:
+            result.cast += 1
+            return
+        if stats.intended_sq or stats.error_sq:  # measured: NaN/inf in W or ΔW makes a sum non-finite
+            nonfinite.check(key, torch.tensor(stats.intended_sq + stats.error_sq))
+        result.changed.append(stats)
+
+    # Changed tensors are read and computed by two worker threads (file reads and torch ops release the
+    # GIL, so both cores work, and the disk works while they compute); the writer accepts tensors in any
+    # order, and at most IN_FLIGHT are held at once. Untouched tensors are copied meanwhile.
     with StreamingWriter(save_to, specs, metadata, inputs=inputs, overwrite=overwrite) as writer, \
-            ThreadPoolExecutor(max_workers=1) as pool:
-        ahead = {}
-
-        def prefetch(i: int) -> None:
-            if i < len(to_read):
-                ahead[to_read[i]] = pool.submit(read_tensor, reader, to_read[i])
-
-        prefetch(0)
-        next_read = 1
+            ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        pending: deque = deque()
         for key in iterator:
             contributions = plan.contributions.get(key)
             dtype = specs[key][0]
-            if key not in must_read:  # untouched and kept in its dtype: copied byte for byte
+            if not contributions and dtype == reader.dtype(key):  # untouched: copied byte for byte
                 if header is not None:
                     writer.copy_from_file(key, reader.path, header.data_start + header.tensors[key].begin)
                 else:
                     writer.write_raw(key, reader.get_raw(key))
                 result.copied += 1
                 continue
-            future = ahead.pop(key, None)
-            stored = future.result() if future is not None else read_tensor(reader, key)
-            prefetch(next_read)
-            next_read += 1
-            if not contributions:
-                writer.write(key, stored)  # the writer casts (clamped) to the planned dtype
-                result.cast += 1
-                continue
-            stats = KeyStats(key)
-            measured = measure if measure is not None else dtype.itemsize == 1
-            new = updated_tensor(stored, contributions, out_dtype=dtype, compute_dtype=compute_dtype, device=device,
-                                 chunk_elements=chunk_elements, stats=stats if measured else None)
-            if measured:  # NaN/inf anywhere in W or ΔW makes one of the two sums non-finite
-                nonfinite.check(key, torch.tensor(stats.intended_sq + stats.error_sq))
-            writer.write(key, new)
-            result.changed.append(stats)
+            pending.append((key, pool.submit(job, key, dtype, contributions)))
+            while len(pending) > IN_FLIGHT:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
