@@ -213,7 +213,8 @@ def one_thread(enabled: bool = True):
 
     Streaming merges are many small, memory-bound ops; with intra-op threads each op waits for the
     OpenMP hand-off, which dominates when the machine is busy: measured on 2 shared cores, reading two
-    SDXL LoRAs took 18 s with 2 threads and 0.9 s with one, and the chunk loop was ~10× faster.
+    SDXL LoRAs took 18 s with 2 threads and 0.9 s with one, and the chunk loop was ~10× faster. The
+    cores are used instead by `_stream`'s worker threads, one tensor each.
     """
     threads = torch.get_num_threads()
     if enabled:
