@@ -354,3 +354,17 @@ def rank_cap(shape: Sequence[int], settings) -> int:
     if is_conv_kernel(shape) and settings.new_conv_rank is not None:
         return settings.new_conv_rank
     return settings.new_rank
+
+
+def check_rank_settings(new_rank: int | None, new_conv_rank: int | None, dynamic_method: str | None,
+                        dynamic_param: float | None) -> None:
+    """The user-facing checks of --new_rank/--new_conv_rank/--dynamic_method/--dynamic_param shared by scripts."""
+    if new_rank is None or new_rank < 1:
+        raise LoraToolsError(f"--new_rank must be at least 1, got {new_rank}")
+    if new_conv_rank is not None and new_conv_rank < 1:
+        raise LoraToolsError(f"--new_conv_rank must be at least 1, got {new_conv_rank}")
+    if dynamic_method is not None:
+        if dynamic_method not in DYNAMIC_METHODS:
+            raise LoraToolsError(f"--dynamic_method must be one of {', '.join(DYNAMIC_METHODS)}")
+        if dynamic_param is None or not math.isfinite(dynamic_param) or dynamic_param < 0:
+            raise LoraToolsError(f"--dynamic_method {dynamic_method} needs a --dynamic_param ≥ 0")

@@ -24,7 +24,7 @@ import torch
 
 from library.errors import LoraToolsError
 from library.lowrank import (
-    DYNAMIC_METHODS,
+    check_rank_settings,
     dense_sq_norm,
     factored_svd,
     is_conv_kernel,
@@ -57,15 +57,7 @@ class ResizeSettings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self):
-        if self.new_rank is None or self.new_rank < 1:
-            raise LoraToolsError(f"--new_rank must be at least 1, got {self.new_rank}")
-        if self.new_conv_rank is not None and self.new_conv_rank < 1:
-            raise LoraToolsError(f"--new_conv_rank must be at least 1, got {self.new_conv_rank}")
-        if self.dynamic_method is not None:
-            if self.dynamic_method not in DYNAMIC_METHODS:
-                raise LoraToolsError(f"--dynamic_method must be one of {', '.join(DYNAMIC_METHODS)}")
-            if self.dynamic_param is None or not math.isfinite(self.dynamic_param) or self.dynamic_param < 0:
-                raise LoraToolsError(f"--dynamic_method {self.dynamic_method} needs a --dynamic_param ≥ 0")
+        check_rank_settings(self.new_rank, self.new_conv_rank, self.dynamic_method, self.dynamic_param)
         if self.remove_conv and self.remove_linear:
             raise LoraToolsError("--remove_conv_dims and --remove_linear_dims together would remove every module")
 

@@ -25,7 +25,7 @@ import torch
 
 from library.errors import LoraToolsError
 from library.lowrank import (
-    DYNAMIC_METHODS,
+    check_rank_settings,
     clamp_quantile,
     dense_sq_norm,
     factored_svd,
@@ -62,15 +62,7 @@ class MergeSettings:
 
     def __post_init__(self):
         self.mode = get_method(self.mode).name
-        if self.new_rank is None or self.new_rank < 1:
-            raise LoraToolsError(f"--new_rank must be at least 1, got {self.new_rank}")
-        if self.new_conv_rank is not None and self.new_conv_rank < 1:
-            raise LoraToolsError(f"--new_conv_rank must be at least 1, got {self.new_conv_rank}")
-        if self.dynamic_method is not None:
-            if self.dynamic_method not in DYNAMIC_METHODS:
-                raise LoraToolsError(f"--dynamic_method must be one of {', '.join(DYNAMIC_METHODS)}")
-            if self.dynamic_param is None:
-                raise LoraToolsError(f"--dynamic_method {self.dynamic_method} needs --dynamic_param")
+        check_rank_settings(self.new_rank, self.new_conv_rank, self.dynamic_method, self.dynamic_param)
         if not 0.0 < self.density <= 1.0:
             raise LoraToolsError(f"--density must be in (0, 1], got {self.density}")
         if self.sign_method not in SIGN_METHODS:
