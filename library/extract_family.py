@@ -19,9 +19,7 @@ from library.errors import LoraToolsError
 from library.extract import LayerResult
 from library.extract_pairs import CheckpointPair
 from library.formats import FAMILIES, Module, Target, lora_tensors
-
-# _candidates: the family's possible checkpoint layouts (canonical, prefixed, diffusers), as detection tries them.
-from library.formats.checkpoint import _candidates, detect_checkpoint_layout
+from library.formats.checkpoint import detect_checkpoint_layout, layout_by_keys
 
 
 def _bias_key(weight_key: str) -> str | None:
@@ -40,10 +38,10 @@ class FamilyNaming:
         fam = FAMILIES[family]
         if fmt not in fam.write:
             raise LoraToolsError(f"cannot write {fmt!r} for {family}; formats: {', '.join(fam.write)}")
-        self.layout = detect_checkpoint_layout(pair.base, family) or _layout_by_keys(pair.base, family)
+        self.layout = detect_checkpoint_layout(pair.base, family) or layout_by_keys(pair.base, family)
         if self.layout is None:
             raise LoraToolsError(f"the checkpoint does not have the layout of a {family} model", file=pair.base_path)
-        tuned_layout = detect_checkpoint_layout(pair.tuned, family) or _layout_by_keys(pair.tuned, family)
+        tuned_layout = detect_checkpoint_layout(pair.tuned, family) or layout_by_keys(pair.tuned, family)
         if tuned_layout is None or tuned_layout.name != self.layout.name:
             raise LoraToolsError(f"the base model has the {self.layout.name} layout but the tuned model "
                                  f"{'has ' + tuned_layout.name if tuned_layout else 'does not fit it'}; convert one "
@@ -115,25 +113,6 @@ class FamilyNaming:
                 modules[slot] = Module(target=target, tensors={}, source=result.task.key)
             modules[slot].tensors.update(tensors)
         return lora_tensors(list(modules.values()), self.family, self.fmt)
-
-
-def _layout_by_keys(reader, family: str):
-    """The layout of `family` whose keys the checkpoint has most of, shapes aside.
-
-    Detection (`detect_checkpoint_layout`) wants over half of the family's weights with their exact
-    shapes. With an explicit --family (a pruned checkpoint, a UNet-only or text-encoder-only file, or
-    a small test model) the user has said what it is, so key names decide; each module's own shape
-    is still checked by the writer where it matters (row slices of fused weights).
-    """
-    keys = set(reader.keys())
-    best, best_count = None, 0
-    for layout in _candidates():
-        if layout.family.name != family:
-            continue
-        count = len(layout.targets(keys))
-        if count > best_count:
-            best, best_count = layout, count
-    return best
 
 
 def _unswap(tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:

@@ -93,9 +93,12 @@ class CheckpointLayout:
         return hit[0] if hit else None
 
 
-def _candidates() -> list[CheckpointLayout]:
+def layout_candidates(family: str | None = None) -> list[CheckpointLayout]:
+    """Every layout a checkpoint of `family` (or of any family) may have: canonical, prefixed or stripped, diffusers."""
     out = []
     for name, fam in FAMILIES.items():
+        if family is not None and name != family:
+            continue
         out.append(CheckpointLayout(name))
         main_prefix = "model.diffusion_model."
         if any(k.startswith(main_prefix) for k in fam.table.shapes):
@@ -131,7 +134,7 @@ def score(layout: CheckpointLayout, reader) -> float:
 
 def detect_checkpoint_layout(reader, family: str | None = None) -> CheckpointLayout | None:
     """The best-fitting family layout (over half of its main weights present with exact shapes), or None."""
-    layouts = [c for c in _candidates() if family is None or c.family.name == family]
+    layouts = layout_candidates(family)
     scored = sorted(((score(c, reader), c) for c in layouts), key=lambda x: -x[0])
     if not scored or scored[0][0] <= 0.5:
         return None
@@ -142,6 +145,21 @@ def detect_checkpoint_layout(reader, family: str | None = None) -> CheckpointLay
         raise LoraToolsError(f"ambiguous checkpoint family ({names}); say which with --family",
                              file=getattr(reader, "path", None))
     return scored[0][1]
+
+
+def layout_by_keys(reader, family: str) -> CheckpointLayout | None:
+    """The layout of `family` whose keys the checkpoint has most of, shapes aside (None when none match).
+
+    For an explicit --family on a partial checkpoint (pruned, UNet-only, a small test model), where
+    `detect_checkpoint_layout`'s exact-shape majority cannot hold.
+    """
+    keys = set(reader.keys())
+    best, best_count = None, 0
+    for layout in layout_candidates(family):
+        count = len(layout.targets(keys))
+        if count > best_count:
+            best, best_count = layout, count
+    return best
 
 
 def detect_checkpoint_family(reader) -> str | None:
