@@ -68,7 +68,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_metadata", action="store_true",
                    help="write only what loaders need (dims, module type, PEFT config), no modelspec/provenance")
     p.add_argument("--report", default=None, help="write per-layer ranks, retained energy and errors as JSON here")
-    add_common_args(p, precision=False)
+    add_common_args(p, precision=False, save_default="fp32, as sd-scripts")
     return p
 
 

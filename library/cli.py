@@ -20,7 +20,7 @@ from library.safetensors_io import PRECISION_CHOICES, check_output_path, parse_d
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, device: bool = True,
-                    precision: bool = True) -> argparse.ArgumentParser:
+                    precision: bool = True, save_default: str = "that of the input") -> argparse.ArgumentParser:
     group = parser.add_argument_group("common options")
     if device:
         group.add_argument("--device", default="auto",
@@ -30,7 +30,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, dev
                            help="dtype for the maths (default: float = fp32)")
     if writes:
         group.add_argument("--save_precision", default=None, choices=PRECISION_CHOICES,
-                           help="dtype of the saved tensors (default: that of the input)")
+                           help=f"dtype of the saved tensors (default: {save_default})")
         group.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
         group.add_argument("--dry_run", action="store_true", help="print what would be done and write nothing")
     group.add_argument("--config_file", default=None,
