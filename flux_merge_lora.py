@@ -13,27 +13,17 @@ import os
 import sys
 from dataclasses import replace
 
-from library.cli import (
-    add_common_args,
-    check_counts,
-    compute_dtype,
-    prepare_output,
-    progress,
-    resolve_device,
-    run_cli,
-    warn,
-)
+from library.cli import add_common_args, compute_dtype, prepare_output, progress, resolve_device, run_cli, warn
 from library.errors import LoraToolsError
 from library.flux_merge import FAMILY, TEXT_ENCODERS, flux_layout, part_of, read_flux_lora, text_encoder_layout
-from library.formats import WRITE_FORMATS, lora_tensors
-from library.lora_combine import MODES as FACTOR_MODES
+from library.formats import WRITE_FORMATS
 from library.merge_plan import LoraInput
-from library.metadata import lora_metadata, minimal_metadata, modelspec, provenance, title_of
-from library.safetensors_io import cast_clamped, open_checkpoint, parse_dtype, save_tensors
+from library.metadata import modelspec, provenance, title_of
+from library.methods import FACTOR, SIGN_METHODS, delta_aliases, names
+from library.safetensors_io import open_checkpoint, parse_dtype
 
 SCRIPT = "flux_merge_lora.py"
-SVD_MODES = ("svd", "add_svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-MODES = (*FACTOR_MODES, *SVD_MODES)
+MODES = (*names(FACTOR), *delta_aliases())  # factor-space modes, then the delta-space svd / *_svd ones
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -64,7 +54,7 @@ def setup_parser() -> argparse.ArgumentParser:
                                                           "random orthogonal matrix (the delta is unchanged)")
     p.add_argument("--new_rank", type=int, default=None, help="rank of the result for the svd modes")
     p.add_argument("--density", type=float, default=1.0, help="fraction kept by ties/dare/magnitude_prune")
-    p.add_argument("--majority_sign_method", default="total", choices=("total", "frequency"))
+    p.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS)
     p.add_argument("--seed", type=int, default=0, help="seed of DARE masks and --shuffle (per target)")
     p.add_argument("--format", default="kohya", choices=WRITE_FORMATS, help="LoRA output format (default kohya)")
     p.add_argument("--allow_unmatched", action="store_true",
@@ -78,11 +68,6 @@ def setup_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ratios(args) -> list[float]:
-    check_counts(args.ratios, args.models, "--ratios")
-    return list(args.ratios) if args.ratios is not None else [1.0] * len(args.models)
-
-
 def _mode(args) -> str:
     if args.concat and args.mode not in (None, "concat"):
         raise LoraToolsError(f"--concat contradicts --mode {args.mode}")
@@ -90,7 +75,9 @@ def _mode(args) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    ratios = _ratios(args)
+    from library.inputs import lora_inputs, ratios_for
+
+    ratios_for(args.ratios, args.models)  # counts checked before anything is read
     into_model = any((args.flux_model, args.clip_l, args.t5xxl))
     if into_model and (args.mode or args.concat or args.shuffle):
         raise LoraToolsError("--mode/--concat/--shuffle are for merging LoRAs into one LoRA (without --flux_model)")
@@ -98,14 +85,13 @@ def main(args: argparse.Namespace) -> dict:
         if bool(getattr(args, flag)) != bool(getattr(args, out)):
             raise LoraToolsError(f"--{flag} and --{out} go together")
     device = resolve_device(args.working_device)
-    inputs = []
-    for path, ratio in zip(args.models, ratios, strict=True):
-        lora = read_flux_lora(path, args.allow_unmatched)
-        comps = sorted({m.target.component for m in lora.modules})
-        print(f"{path}: FLUX.1 {lora.format} LoRA, {len(lora.modules)} modules ({', '.join(comps)})", file=sys.stderr)
-        if lora.unmatched:
-            warn(f"{path}: {len(lora.unmatched)} keys match nothing and are skipped (--allow_unmatched)")
-        inputs.append(LoraInput(path, lora, ratio))
+    inputs = lora_inputs(args.models, args.ratios, reader=lambda p: read_flux_lora(p, args.allow_unmatched))
+    for inp in inputs:
+        comps = sorted({m.target.component for m in inp.lora.modules})
+        print(f"{inp.path}: FLUX.1 {inp.lora.format} LoRA, {len(inp.lora.modules)} modules ({', '.join(comps)})",
+              file=sys.stderr)
+        if inp.lora.unmatched:
+            warn(f"{inp.path}: {len(inp.lora.unmatched)} keys match nothing and are skipped (--allow_unmatched)")
     if into_model:
         return merge_into_models(args, inputs, device)
     return merge_into_lora(args, inputs, _mode(args), device, args.save_to, args.format)
@@ -115,71 +101,26 @@ def main(args: argparse.Namespace) -> dict:
 # LoRAs into one LoRA
 
 
-def combined_modules(inputs: list[LoraInput], mode: str, args, device) -> tuple[list, list[int], list[float], str]:
-    """(modules, ranks, alphas, summary line) through merge_lora's or svd_merge_lora's engine."""
-    from library.lora_combine import combine, group_targets
-
-    _family, groups = group_targets(inputs)
-    if not groups:
-        raise LoraToolsError("nothing to merge: every module has strength 0")
-    if mode in SVD_MODES:
-        from library.svd_merge import MergeSettings, merge_layers
-        from library.svd_merge_plan import jobs_from_groups, modules_from_results, summary
-
-        if args.new_rank is None:
-            raise LoraToolsError(f"--mode {mode} needs --new_rank")
-        settings = MergeSettings(mode="add" if mode == "svd" else mode, new_rank=args.new_rank, density=args.density,
-                                 sign_method=args.majority_sign_method, seed=args.seed, device=device)
-        results = merge_layers(jobs_from_groups(groups, len(inputs)), settings)
-        st = summary(results)
-        line = (f"relative error vs the exact merged delta: mean {st['rel_error_mean']:.3g}, "
-                f"max {st['rel_error_max']:.3g} ({st['worst_layer']})")
-        return (modules_from_results(groups, results), [r.report["rank_out"] for r in results.values()],
-                [r.alpha for r in results.values()], line)
-    modules, reports = combine(groups, mode, density=args.density, sign_method=args.majority_sign_method,
-                               seed=args.seed, shuffle=args.shuffle)
-    ranks = [r.rank for r in reports if r.rank is not None]
-    errors = [r.relative_error for r in reports if r.kind == "lora" and r.relative_error is not None]
-    line = "exact" if mode == "concat" else (
-        f"approximate: relative error of the merged delta mean {sum(errors) / max(len(errors), 1):.3g}, "
-        f"max {max(errors, default=0):.3g} (the svd modes work in delta space)")
-    return modules, ranks, [float(r) for r in ranks], line
-
-
-def _storage_dtype(inputs: list[LoraInput]):
-    import torch
-
-    for inp in inputs:
-        for m in inp.lora.modules:
-            for suffix, t in m.tensors.items():
-                if suffix != "alpha" and t.is_floating_point():
-                    return t.dtype
-    return torch.float32
-
-
 def merge_into_lora(args, inputs: list[LoraInput], mode: str, device, save_to: str | None, fmt: str,
                     label: str = "merged") -> dict:
+    from library.lora_merge import MergeOptions, plan_lora_merge, run_lora_merge, write_merged
+
     save_to = prepare_output(save_to, args.models, args)
-    modules, ranks, alphas, line = combined_modules(inputs, mode, args, device)
-    comps = sorted({m.target.component for m in modules})
-    print(f"{label}: {len(modules)} modules ({', '.join(comps)}), mode {mode}, format {fmt}: {line}", file=sys.stderr)
+    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle, args.new_rank, device)
+    plan = plan_lora_merge(inputs, mode, fmt, save_to, options)
     if args.dry_run:
-        return {"modules": modules}
-    tensors, extra = lora_tensors(modules, FAMILY, fmt)
-    save_dtype = parse_dtype(args.save_precision) if args.save_precision else _storage_dtype(inputs)
-    # alphas stay float32: a summed rank is not always exact in bf16
-    tensors = {k: v if k.endswith(".alpha") or not v.is_floating_point() else cast_clamped(v, save_dtype).contiguous()
-               for k, v in tensors.items()}
-    seeded = args.shuffle or "dare" in mode or mode in SVD_MODES
-    meta = lora_metadata(inputs[0].lora.metadata, family=FAMILY, ranks=ranks or [0], alphas=alphas or [0],
-                         save_to=save_to, merged_from=[title_of(i.path, i.lora.metadata) for i in inputs],
-                         extra=provenance(SCRIPT, args, args.models, seed=args.seed if seeded else None))
-    meta.update(extra)
-    if args.no_metadata:
-        meta = minimal_metadata(meta)
-    save_tensors(save_to, tensors, meta, inputs=args.models, overwrite=args.overwrite, kohya_hashes=True)
+        print(f"{label}, dry run, nothing written:\n  " + "\n  ".join(plan.lines()), file=sys.stderr)
+        return {"plan": plan}
+    merged = run_lora_merge(plan)
+    comps = sorted({m.target.component for m in merged.modules})
+    line = merged.summary if plan.mode == "concat" or merged.results is not None else (
+        f"approximate: {merged.summary} (the svd modes work in delta space)")
+    print(f"{label}: {len(merged.modules)} modules ({', '.join(comps)}), mode {mode}, format {plan.fmt}: {line}",
+          file=sys.stderr)
+    write_merged(plan, merged, script=SCRIPT, args=args, save_precision=args.save_precision,
+                 no_metadata=args.no_metadata, overwrite=args.overwrite)
     print(f"saved {save_to}", file=sys.stderr)
-    return {"modules": modules, "save_to": save_to}
+    return {"modules": merged.modules, "save_to": save_to, "plan": plan}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def _delta_merge(plan: LoraMergePlan) -> MergedLora:
 
 
 def write_merged(plan: LoraMergePlan, merged: MergedLora, *, script: str, args: object, save_precision: str | None,
-                 no_metadata: bool = False, overwrite: bool = False) -> dict[str, str]:
+                 no_metadata: bool = False, overwrite: bool = False):
     """Write the merged LoRA through the one LoRA writer; the first input's metadata is the base."""
     inputs = [i.path for i in plan.inputs]
     return write_lora(plan.save_to, merged.modules, plan.family, plan.fmt,

@@ -17,6 +17,7 @@ resize_lora, convert_lora) goes through `write_lora`, so the rules below hold fo
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,13 @@ from library.formats import WRITE_FORMATS, Module, lora_tensors
 from library.formats.peft_alpha import KEY as PEFT_METADATA_KEY
 from library.metadata import lora_metadata, minimal_metadata, provenance
 from library.safetensors_io import cast_clamped, parse_dtype, save_tensors
+
+
+@dataclass
+class WrittenLora:
+    path: str
+    metadata: dict[str, str]  # as written, before the writer added the kohya hashes
+    n_tensors: int
 
 
 def output_format(requested: str | None, first) -> str:
@@ -83,8 +91,8 @@ def storage_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> 
 def write_lora(save_to: str, modules: Sequence[Module], family: str, fmt: str, *, dtype: torch.dtype,
                script: str, args: object, inputs: Sequence[str], base_metadata: Mapping[str, str] | None = None,
                merged_from: Iterable[str] = (), seed: int | None = None, extra: Mapping[str, str] | None = None,
-               minimal: bool = False, overwrite: bool = False, notes: list[str] | None = None) -> dict[str, str]:
-    """Write `modules` as a LoRA of `family` in `fmt` and return the metadata written (see module docstring).
+               minimal: bool = False, overwrite: bool = False, notes: list[str] | None = None) -> WrittenLora:
+    """Write `modules` as a LoRA of `family` in `fmt` (see module docstring).
 
     `extra` (e.g. resize's training comment) goes over the updated base metadata; `seed` is recorded
     in provenance (pass it only when something in the run drew from it: library.methods.recorded_seed);
@@ -100,5 +108,5 @@ def write_lora(save_to: str, modules: Sequence[Module], family: str, fmt: str, *
     meta.update(format_meta)
     if minimal:
         meta = minimal_metadata(meta)
-    save_tensors(save_to, tensors, meta, inputs=inputs, overwrite=overwrite, kohya_hashes=True)
-    return meta
+    path = save_tensors(save_to, tensors, meta, inputs=inputs, overwrite=overwrite, kohya_hashes=True)
+    return WrittenLora(path, meta, len(tensors))
