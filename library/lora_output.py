@@ -4,7 +4,7 @@ resize_lora, convert_lora) goes through `write_lora`, so the rules below hold fo
 - Format: --format / --to, else that of the first input, else kohya (for inputs we read but do not write).
 - Storage dtype without --save_precision: the widest float dtype of the input LoRAs' factor tensors
   (alphas aside), so nothing an input held is rounded: fp16 + fp32 inputs give fp32, and fp16 + bf16
-  (neither holds the other) give fp32 too.
+  (neither holds the other) give fp32 too; no float tensor at all gives fp32.
 - alpha is stored in float32 whatever the factors' dtype: a summed rank (384) or a merged scale (3.2) is
   not exact in bf16, and alpha sets the scale of a whole module.
 - Metadata: the first input's, with dims, alphas and modelspec brought up to date (library.metadata);
@@ -55,10 +55,8 @@ def output_dtype(loras: Iterable, save_precision: str | None = None) -> torch.dt
         return torch.float32
     width = max(d.itemsize for d in dtypes)
     widest = {d for d in dtypes if d.itemsize == width}
-    # Two dtypes of one width (fp16/bf16, the fp8 kinds) round each other: go to the next width up.
-    if len(widest) == 1:
-        return widest.pop()
-    return torch.float32 if width < 4 else torch.float64
+    # Two dtypes of one width (fp16/bf16, the fp8 kinds) round each other: float32 holds both.
+    return widest.pop() if len(widest) == 1 else torch.float32
 
 
 def ranks_and_alphas(modules: Iterable[Module]) -> tuple[list[int], list[float]]:
