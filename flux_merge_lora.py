@@ -18,6 +18,7 @@ from library.errors import LoraToolsError
 from library.flux_merge import FAMILY, TEXT_ENCODERS, flux_layout, part_of, read_flux_lora, text_encoder_layout
 from library.formats import WRITE_FORMATS
 from library.merge_plan import LoraInput
+from library.merge_report import print_lines, report_lines
 from library.metadata import modelspec, provenance, title_of
 from library.methods import FACTOR, SIGN_METHODS, delta_aliases, names
 from library.safetensors_io import open_checkpoint, parse_dtype
@@ -161,8 +162,7 @@ def merge_into_models(args, inputs: list[LoraInput], device) -> dict:
             plan = build_plan(reader, layout, part(comp), allow_unmatched=args.allow_unmatched)
             print(f"{model}: layout {layout.name}; " + "; ".join(plan.summary()), file=sys.stderr)
             if args.verbose > 1:
-                for line in plan.details():
-                    print("  " + line, file=sys.stderr)
+                print_lines(plan.details(), args.verbose, file=sys.stderr)
             if plan.unmatched:
                 warn(f"{len(plan.unmatched)} module(s) skipped (--allow_unmatched): {plan.unmatched[0]} ...")
             if args.dry_run:
@@ -178,7 +178,10 @@ def merge_into_models(args, inputs: list[LoraInput], device) -> dict:
                                 overwrite=args.overwrite, measure=True if args.verbose else None,
                                 progress=lambda keys, c=comp: progress(keys, desc=f"merging {c}", total=len(keys)))
         results[comp] = result
-        report(save_to, result, args.verbose)
+        lines, warnings = report_lines(save_to, result, args.verbose, "--save_precision")
+        print("\n".join(lines), file=sys.stderr)
+        for message in warnings:
+            warn(message)
     if left:
         # Text-encoder parts with nowhere to go are kept, as an exact (concat) LoRA next to the output.
         side = args.te_lora_save_to or _te_side_path(args.save_to or outs[0])
@@ -189,20 +192,6 @@ def merge_into_models(args, inputs: list[LoraInput], device) -> dict:
         te_inputs = [i for i in te_inputs if i.lora.modules]
         results["te_lora"] = merge_into_lora(args, te_inputs, "concat", device, side, args.format, label="text encoders")
     return results
-
-
-def report(save_to: str, result, verbose: int) -> None:
-    print(f"saved {save_to}: {len(result.changed)} tensors changed, {result.copied} copied unchanged"
-          + (f", {result.cast} cast to --save_precision" if result.cast else ""), file=sys.stderr)
-    measured = [s for s in result.changed if s.intended_sq > 0]
-    if not measured:
-        return  # the engine measures rounding for fp8 outputs, and for every output with -v
-    rel = (sum(s.error_sq for s in measured) / sum(s.intended_sq for s in measured)) ** 0.5
-    print(f"realized vs intended change: relative error {rel:.3e} over {len(measured)} tensors "
-          f"(rounding to the stored dtype, and clamping to its range)", file=sys.stderr)
-    if verbose:
-        for s in result.worst(10 if verbose > 1 else 5):
-            print(f"  {s.key}: relative error {s.relative_error:.3e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,8 @@ import sys
 
 from library.cli import add_common_args, compute_dtype, prepare_output, progress, resolve_device, run_cli, warn
 from library.errors import LoraToolsError
-from library.methods import FACTOR, SIGN_METHODS, mode_choices
-
-PRINT_LIMIT = 20  # per-layer lines printed with -v before "... and N more" (all with -vv)
-LOSSY = 0.05  # warn when storage rounding took more than this share of a tensor's delta (fp8 outputs)
+from library.merge_report import print_lines, report_lines
+from library.methods import FACTOR, SIGN_METHODS, mode_choices, recorded_seed
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -125,14 +123,6 @@ def partial_layout(reader, family: str):
     return best if score(best, reader) > 0 else candidates[0]
 
 
-def _print_lines(lines: list[str], verbose: int) -> None:
-    limit = None if verbose > 1 else PRINT_LIMIT
-    for line in lines[:limit]:
-        print("  " + line)
-    if limit is not None and len(lines) > limit:
-        print(f"  ... and {len(lines) - limit} more (-vv lists all)")
-
-
 def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
     from library.checkpoint_apply import apply_plan
     from library.inputs import lora_inputs
@@ -156,28 +146,23 @@ def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
         for item in plan.unmatched:
             warn(f"skipped (no matching weight): {item}")
         if args.verbose or args.dry_run:
-            _print_lines(plan.details(), args.verbose)
+            print_lines(plan.details(), args.verbose)
         if args.dry_run:
             return {"plan": plan}
         metadata = None
         if not args.no_metadata:
             metadata = {k: v for k, v in getattr(reader, "metadata", {}).items() if k not in STALE_ON_WRITE}
-            metadata.update(provenance("merge_lora.py", args, args.models, seed=args.seed))
+            seed = recorded_seed(args.seed, block_weights=block_weights)  # only R/U block weights draw here
+            metadata.update(provenance("merge_lora.py", args, args.models, seed=seed))
             metadata["loratools.base_model"] = os.path.basename(args.sd_model)
         result = apply_plan(reader, plan, save_to, metadata=metadata, save_dtype=save_dtype, compute_dtype=cdtype,
                             device=device, inputs=[args.sd_model, *args.models], overwrite=args.overwrite,
                             progress=lambda keys: progress(keys, desc="merge", enabled=sys.stderr.isatty()),
                             measure=True if args.verbose else None)
-    print(f"wrote {save_to}: {len(result.changed)} tensors changed, {result.copied} copied bit for bit"
-          + (f", {result.cast} cast to {args.save_precision}" if result.cast else ""))
-    lossy = [s for s in result.changed if s.relative_error > LOSSY]
-    if lossy:
-        worst = max(lossy, key=lambda s: s.relative_error)
-        warn(f"{len(lossy)} changed tensor(s) lost over {LOSSY:.0%} of their delta to the storage precision "
-             f"(worst {worst.key}: {worst.relative_error:.1%}); consider a wider --save_precision")
-    if args.verbose:
-        _print_lines([f"{s.key}: storage rounding took {s.relative_error:.2e} of the delta"
-                      for s in result.worst(len(result.changed))], args.verbose)
+    lines, warnings = report_lines(save_to, result, args.verbose, args.save_precision)
+    print("\n".join(lines))
+    for message in warnings:
+        warn(message)
     return {"plan": plan, "result": result, "save_to": save_to}
 
 
@@ -204,7 +189,7 @@ def merge_loras(args: argparse.Namespace, block_weights) -> dict:
         print(f"  {plan.mode} is approximate: {merged.summary} (concat is exact; svd_merge_lora.py for delta-space "
               f"modes)")
         if args.verbose:
-            _print_lines(merged.layer_lines, args.verbose)
+            print_lines(merged.layer_lines, args.verbose)
     write_merged(plan, merged, script="merge_lora.py", args=args, save_precision=args.save_precision,
                  no_metadata=args.no_metadata, overwrite=args.overwrite)
     print(f"wrote {save_to}")

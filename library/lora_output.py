@@ -16,6 +16,7 @@ resize_lora, convert_lora) goes through `write_lora`, so the rules below hold fo
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -69,8 +70,19 @@ def ranks_and_alphas(modules: Iterable[Module]) -> tuple[list[int], list[float]]
         if rank is None:
             continue  # full diffs have no rank
         ranks.append(int(rank))
-        alphas.append(float(m.tensors["alpha"]) if "alpha" in m.tensors else float(rank))
+        alphas.append(_shortest_float32(float(m.tensors["alpha"])) if "alpha" in m.tensors else float(rank))
     return ranks, alphas
+
+
+def _shortest_float32(value: float) -> float:
+    """The shortest decimal that is the same float32 as `value`: an fp32 alpha of 3.2 is written "3.2" in
+    ss_network_alpha, not "3.200000047683716"."""
+    exact = struct.pack("<f", value)
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.pack("<f", candidate) == exact:
+            return candidate
+    return value
 
 
 def storage_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
