@@ -9,17 +9,23 @@ LyCORIS) into a Flux checkpoint, or into one LoRA. Accepts sd-scripts' flux_merg
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from dataclasses import replace
 
 from library.cli import add_common_args, compute_dtype, prepare_output, progress, resolve_device, run_cli, warn
 from library.errors import LoraToolsError
-from library.flux_merge import FAMILY, TEXT_ENCODERS, flux_layout, part_of, read_flux_lora, text_encoder_layout
+from library.flux_merge import (
+    FAMILY,
+    TEXT_ENCODERS,
+    inputs_for,
+    leftover_inputs,
+    model_jobs,
+    read_flux_lora,
+    te_side_path,
+)
 from library.formats import WRITE_FORMATS
 from library.merge_plan import LoraInput
 from library.merge_report import print_lines, report_lines
-from library.metadata import modelspec, provenance, title_of
+from library.metadata import checkpoint_metadata, modelspec, title_of
 from library.methods import FACTOR, SIGN_METHODS, delta_aliases, names
 from library.safetensors_io import open_checkpoint, parse_dtype
 
@@ -128,38 +134,20 @@ def merge_into_lora(args, inputs: list[LoraInput], mode: str, device, save_to: s
 # LoRAs into checkpoints
 
 
-def _te_side_path(save_to: str) -> str:
-    stem, _ext = os.path.splitext(save_to)
-    return stem + "_te_lora.safetensors"
-
-
 def merge_into_models(args, inputs: list[LoraInput], device) -> dict:
     from library.checkpoint_apply import apply_plan
     from library.merge_plan import build_plan
 
-    def part(component: str) -> list[LoraInput]:
-        return [LoraInput(i.path, part_of(i.lora, component), i.ratio) for i in inputs]
-
-    has = {c: any(i.lora.modules for i in part(c)) for c in ("transformer", *TEXT_ENCODERS)}
-    if has["transformer"] and not args.flux_model:
-        raise LoraToolsError("the LoRAs change the Flux transformer but no --flux_model was given")
-    jobs = []  # (component, model, save_to flag, save_to, layout function)
-    if args.flux_model:
-        jobs.append(("transformer", args.flux_model, "--save_to", args.save_to, flux_layout))
-    left = []
-    for comp, (flag, _prefix) in TEXT_ENCODERS.items():
-        if getattr(args, flag):
-            jobs.append((comp, getattr(args, flag), f"--{flag}_save_to", getattr(args, f"{flag}_save_to"),
-                         lambda r, c=comp: text_encoder_layout(r, c)))
-        elif has[comp]:
-            left.append(comp)
-    all_inputs = [*args.models, *(j[1] for j in jobs)]
-    outs = [prepare_output(save_to, all_inputs, args, flag=flag) for _c, _m, flag, save_to, _l in jobs]
+    encoders = {c: (getattr(args, flag), getattr(args, f"{flag}_save_to")) for c, (flag, _p) in TEXT_ENCODERS.items()}
+    jobs, left = model_jobs(inputs, args.flux_model, args.save_to, encoders)
+    all_inputs = [*args.models, *(j.model for j in jobs)]
+    outs = [prepare_output(j.save_to, all_inputs, args, flag=j.flag) for j in jobs]
     results = {}
-    for (comp, model, _f, _s, layout_of), save_to in zip(jobs, outs, strict=True):
+    for job, save_to in zip(jobs, outs, strict=True):
+        comp, model = job.component, job.model
         with open_checkpoint(model) as reader:
-            layout = layout_of(reader)
-            plan = build_plan(reader, layout, part(comp), allow_unmatched=args.allow_unmatched)
+            layout = job.layout_of(reader)
+            plan = build_plan(reader, layout, inputs_for(inputs, comp), allow_unmatched=args.allow_unmatched)
             print(f"{model}: layout {layout.name}; " + "; ".join(plan.summary()), file=sys.stderr)
             if args.verbose > 1:
                 print_lines(plan.details(), args.verbose, file=sys.stderr)
@@ -170,9 +158,8 @@ def merge_into_models(args, inputs: list[LoraInput], device) -> dict:
             meta = dict(reader.metadata)
             if not args.no_metadata:
                 merged = [title_of(model, reader.metadata)] + [title_of(i.path, i.lora.metadata) for i in inputs]
-                if comp == "transformer":
-                    meta.update(modelspec(FAMILY, save_to, lora=False, merged_from=merged))
-                meta.update(provenance(SCRIPT, args, args.models))
+                spec = modelspec(FAMILY, save_to, lora=False, merged_from=merged) if comp == "transformer" else {}
+                meta = checkpoint_metadata(reader.metadata, script=SCRIPT, args=args, inputs=args.models, extra=spec)
             result = apply_plan(reader, plan, save_to, metadata=meta, save_dtype=parse_dtype(args.save_precision),
                                 compute_dtype=compute_dtype(args), device=device, inputs=all_inputs,
                                 overwrite=args.overwrite, measure=True if args.verbose else None,
@@ -184,13 +171,11 @@ def merge_into_models(args, inputs: list[LoraInput], device) -> dict:
             warn(message)
     if left:
         # Text-encoder parts with nowhere to go are kept, as an exact (concat) LoRA next to the output.
-        side = args.te_lora_save_to or _te_side_path(args.save_to or outs[0])
+        side = args.te_lora_save_to or te_side_path(args.save_to or outs[0])
         warn(f"the LoRAs change {', '.join(TEXT_ENCODERS[c][0] for c in left)} but no checkpoint for it was given "
              f"(--clip_l/--t5xxl): those modules are written as a LoRA to {side}")
-        te_inputs = [LoraInput(i.path, replace(i.lora, modules=[m for c in left for m in part_of(i.lora, c).modules]),
-                               i.ratio) for i in inputs]
-        te_inputs = [i for i in te_inputs if i.lora.modules]
-        results["te_lora"] = merge_into_lora(args, te_inputs, "concat", device, side, args.format, label="text encoders")
+        results["te_lora"] = merge_into_lora(args, leftover_inputs(inputs, left), "concat", device, side, args.format,
+                                             label="text encoders")
     return results
 
 

@@ -127,7 +127,7 @@ def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
     from library.checkpoint_apply import apply_plan
     from library.inputs import lora_inputs
     from library.merge_plan import build_plan
-    from library.metadata import STALE_ON_WRITE, provenance
+    from library.metadata import checkpoint_metadata
     from library.safetensors_io import open_checkpoint, parse_dtype
 
     save_to = prepare_output(args.save_to, [args.sd_model, *args.models], args)
@@ -149,12 +149,10 @@ def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
             print_lines(plan.details(), args.verbose)
         if args.dry_run:
             return {"plan": plan}
-        metadata = None
-        if not args.no_metadata:
-            metadata = {k: v for k, v in getattr(reader, "metadata", {}).items() if k not in STALE_ON_WRITE}
-            seed = recorded_seed(args.seed, block_weights=block_weights)  # only R/U block weights draw here
-            metadata.update(provenance("merge_lora.py", args, args.models, seed=seed))
-            metadata["loratools.base_model"] = os.path.basename(args.sd_model)
+        metadata = None if args.no_metadata else checkpoint_metadata(
+            getattr(reader, "metadata", {}), script="merge_lora.py", args=args, inputs=args.models,
+            seed=recorded_seed(args.seed, block_weights=block_weights),  # only R/U block weights draw here
+            extra={"loratools.base_model": os.path.basename(args.sd_model)})
         result = apply_plan(reader, plan, save_to, metadata=metadata, save_dtype=save_dtype, compute_dtype=cdtype,
                             device=device, inputs=[args.sd_model, *args.models], overwrite=args.overwrite,
                             progress=lambda keys: progress(keys, desc="merge", enabled=sys.stderr.isatty()),
