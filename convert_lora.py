@@ -13,9 +13,8 @@ from collections import Counter
 from library.cli import add_common_args, prepare_output, run_cli, warn
 from library.formats import FAMILIES, WRITE_FORMATS, read_lora
 from library.formats.regroup import kind_of
-from library.formats.write import lora_tensors, save_lora
-from library.metadata import STALE_ON_WRITE, provenance
-from library.safetensors_io import parse_dtype
+from library.formats.write import lora_tensors
+from library.lora_output import output_dtype, write_lora
 
 SCRIPT = "convert_lora.py"
 
@@ -49,23 +48,29 @@ def main(args: argparse.Namespace) -> dict:
     print(f"read {args.input}: {lora.family} ({FAMILIES[lora.family].description}), {lora.format} format, "
           f"{len(lora.modules)} modules ({', '.join(f'{k} ×{n}' for k, n in sorted(kinds.items()))})")
     notes: list[str] = []
-    tensors, _ = lora_tensors(lora.modules, lora.family, args.to, notes)
-    for line in notes[: None if args.verbose else 5]:
-        print(f"  {line}")
-    if len(notes) > 5 and not args.verbose:
-        print(f"  … {len(notes) - 5} more split/fused modules (-v lists them)")
-    summary = {"family": lora.family, "input_format": lora.format, "output_format": args.to,
-               "modules_in": len(lora.modules), "tensors_out": len(tensors), "regrouped": len(notes)}
     if out is None or args.dry_run:
+        tensors, _ = lora_tensors(lora.modules, lora.family, args.to, notes)
+        print_notes(notes, args.verbose)
         print(f"dry run: would write {len(tensors)} tensors in {args.to} format")
-        return summary
-    metadata = {k: v for k, v in lora.metadata.items() if k not in STALE_ON_WRITE}
-    metadata.update(provenance(SCRIPT, args, [args.input]))
-    save_lora(out, lora.modules, lora.family, args.to, metadata, parse_dtype(args.save_precision),
-              inputs=[args.input], overwrite=args.overwrite)
-    print(f"wrote {out}: {args.to} format, {len(tensors)} tensors, {os.path.getsize(out):,} bytes")
-    return summary
+        return summary(lora, args.to, len(tensors), notes)
+    written = write_lora(out, lora.modules, lora.family, args.to, dtype=output_dtype([lora], args.save_precision),
+                         script=SCRIPT, args=args, inputs=[args.input], base_metadata=lora.metadata,
+                         overwrite=args.overwrite, notes=notes)
+    print_notes(notes, args.verbose)
+    print(f"wrote {out}: {args.to} format, {written.n_tensors} tensors, {os.path.getsize(out):,} bytes")
+    return summary(lora, args.to, written.n_tensors, notes)
 
+
+def print_notes(notes: list[str], verbose: int) -> None:
+    for line in notes[: None if verbose else 5]:
+        print(f"  {line}")
+    if len(notes) > 5 and not verbose:
+        print(f"  … {len(notes) - 5} more split/fused modules (-v lists them)")
+
+
+def summary(lora, fmt: str, n_tensors: int, notes: list[str]) -> dict:
+    return {"family": lora.family, "input_format": lora.format, "output_format": fmt,
+            "modules_in": len(lora.modules), "tensors_out": n_tensors, "regrouped": len(notes)}
 
 if __name__ == "__main__":
     run_cli(setup_parser, main)

@@ -33,25 +33,10 @@ import argparse
 import os
 import sys
 
-import torch
-
-from library.block_weights import block_weights_for_models
-from library.cli import (
-    add_common_args,
-    check_counts,
-    compute_dtype,
-    prepare_output,
-    progress,
-    resolve_device,
-    run_cli,
-    warn,
-)
+from library.cli import add_common_args, compute_dtype, prepare_output, progress, resolve_device, run_cli, warn
 from library.errors import LoraToolsError
-from library.lora_combine import MODES
-from library.merge_methods import SIGN_METHODS
-
-PRINT_LIMIT = 20  # per-layer lines printed with -v before "... and N more" (all with -vv)
-LOSSY = 0.05  # warn when storage rounding took more than this share of a tensor's delta (fp8 outputs)
+from library.merge_report import print_lines, report_lines
+from library.methods import FACTOR, SIGN_METHODS, mode_choices, recorded_seed
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -71,7 +56,7 @@ def setup_parser() -> argparse.ArgumentParser:
                              "INALL, MIDD, OUTD, OUTS, OUTALL, NONE, ALL0.5, FLUXALL or your own); '-' for none")
     parser.add_argument("--lbw_presets", default=None, help="toml (NAME = \"1,0,…\") or webui lbwpresets.txt file")
     parser.add_argument("--lbw_x", type=float, default=1.0, help="value of X in block-weight strings (default 1)")
-    parser.add_argument("--mode", default="concat", choices=MODES,
+    parser.add_argument("--mode", default="concat", choices=mode_choices(FACTOR),
                         help="LoRA+LoRA merge mode (default concat: the exact one); see above")
     parser.add_argument("--concat", action="store_true", help="same as --mode concat (sd-scripts flag)")
     parser.add_argument("--shuffle", action="store_true",
@@ -93,35 +78,6 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sdxl", action="store_true", help="accepted for sd-scripts compatibility: checks for SDXL")
     add_common_args(parser)
     return parser
-
-
-def read_inputs(paths: list[str], family: str | None, allow_unmatched: bool) -> list:
-    """The LoRAs, each with its family detected. A file whose family is ambiguous (e.g. SD1/SD2 share
-    most shapes) takes `family` (the checkpoint's or --family), else the family of the other inputs."""
-    from library.formats import read_lora
-
-    loras: dict[str, object] = {}
-    ambiguous: dict[str, LoraToolsError] = {}
-    for path in paths:
-        try:
-            loras[path] = read_lora(path, allow_unmatched=allow_unmatched)
-        except LoraToolsError as exc:
-            if "ambiguous" not in exc.message:
-                raise
-            ambiguous[path] = exc
-    if ambiguous:
-        known = {lora.family for lora in loras.values()}
-        fallback = family or (known.pop() if len(known) == 1 else None)
-        for path, exc in ambiguous.items():
-            if fallback is None:
-                raise exc
-            try:
-                loras[path] = read_lora(path, family=fallback, allow_unmatched=allow_unmatched)
-            except LoraToolsError:
-                # it fits several families, but not the one of the checkpoint / the other LoRAs
-                raise LoraToolsError(f"this LoRA is not for {fallback}, the family of the "
-                                     f"{'checkpoint' if family else 'other LoRAs'} ({exc.message})", file=path) from None
-    return [loras[p] for p in paths]
 
 
 def _hint(args: argparse.Namespace) -> str | None:
@@ -167,18 +123,11 @@ def partial_layout(reader, family: str):
     return best if score(best, reader) > 0 else candidates[0]
 
 
-def _print_lines(lines: list[str], verbose: int) -> None:
-    limit = None if verbose > 1 else PRINT_LIMIT
-    for line in lines[:limit]:
-        print("  " + line)
-    if limit is not None and len(lines) > limit:
-        print(f"  ... and {len(lines) - limit} more (-vv lists all)")
-
-
-def merge_into_checkpoint(args: argparse.Namespace, ratios: list[float], block_weights) -> dict:
+def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
     from library.checkpoint_apply import apply_plan
-    from library.merge_plan import LoraInput, build_plan
-    from library.metadata import STALE_ON_WRITE, provenance
+    from library.inputs import lora_inputs
+    from library.merge_plan import build_plan
+    from library.metadata import checkpoint_metadata
     from library.safetensors_io import open_checkpoint, parse_dtype
 
     save_to = prepare_output(args.save_to, [args.sd_model, *args.models], args)
@@ -188,8 +137,8 @@ def merge_into_checkpoint(args: argparse.Namespace, ratios: list[float], block_w
     with open_checkpoint(args.sd_model) as reader:
         layout = choose_layout(reader, args)
         family = layout.family.name
-        loras = read_inputs(args.models, family, args.allow_unmatched)
-        inputs = [LoraInput(p, lora, r, bw) for p, lora, r, bw in zip(args.models, loras, ratios, block_weights)]
+        inputs = lora_inputs(args.models, args.ratios, block_weights, family=family,
+                             allow_unmatched=args.allow_unmatched, family_from="checkpoint")
         plan = build_plan(reader, layout, inputs, allow_unmatched=args.allow_unmatched)
         print(f"{args.sd_model}: {family} checkpoint ({layout.name})")
         for line in plan.summary():
@@ -197,86 +146,52 @@ def merge_into_checkpoint(args: argparse.Namespace, ratios: list[float], block_w
         for item in plan.unmatched:
             warn(f"skipped (no matching weight): {item}")
         if args.verbose or args.dry_run:
-            _print_lines(plan.details(), args.verbose)
+            print_lines(plan.details(), args.verbose)
         if args.dry_run:
             return {"plan": plan}
-        metadata = None
-        if not args.no_metadata:
-            metadata = {k: v for k, v in getattr(reader, "metadata", {}).items() if k not in STALE_ON_WRITE}
-            metadata.update(provenance("merge_lora.py", args, args.models, seed=args.seed))
-            metadata["loratools.base_model"] = os.path.basename(args.sd_model)
+        metadata = None if args.no_metadata else checkpoint_metadata(
+            getattr(reader, "metadata", {}), script="merge_lora.py", args=args, inputs=args.models,
+            seed=recorded_seed(args.seed, block_weights=block_weights),  # only R/U block weights draw here
+            extra={"loratools.base_model": os.path.basename(args.sd_model)})
         result = apply_plan(reader, plan, save_to, metadata=metadata, save_dtype=save_dtype, compute_dtype=cdtype,
                             device=device, inputs=[args.sd_model, *args.models], overwrite=args.overwrite,
                             progress=lambda keys: progress(keys, desc="merge", enabled=sys.stderr.isatty()),
                             measure=True if args.verbose else None)
-    print(f"wrote {save_to}: {len(result.changed)} tensors changed, {result.copied} copied bit for bit"
-          + (f", {result.cast} cast to {args.save_precision}" if result.cast else ""))
-    lossy = [s for s in result.changed if s.relative_error > LOSSY]
-    if lossy:
-        worst = max(lossy, key=lambda s: s.relative_error)
-        warn(f"{len(lossy)} changed tensor(s) lost over {LOSSY:.0%} of their delta to the storage precision "
-             f"(worst {worst.key}: {worst.relative_error:.1%}); consider a wider --save_precision")
-    if args.verbose:
-        _print_lines([f"{s.key}: storage rounding took {s.relative_error:.2e} of the delta"
-                      for s in result.worst(len(result.changed))], args.verbose)
+    lines, warnings = report_lines(save_to, result, args.verbose, args.save_precision)
+    print("\n".join(lines))
+    for message in warnings:
+        warn(message)
     return {"plan": plan, "result": result, "save_to": save_to}
 
 
-def input_dtype(lora) -> torch.dtype:
-    for module in lora.modules:
-        for suffix, t in module.tensors.items():
-            if suffix != "alpha" and t.is_floating_point():
-                return t.dtype
-    return torch.float32
+def merge_loras(args: argparse.Namespace, block_weights) -> dict:
+    from library.inputs import lora_inputs
+    from library.lora_merge import MergeOptions, plan_lora_merge, run_lora_merge, write_merged
 
-
-def merge_loras(args: argparse.Namespace, ratios: list[float], block_weights) -> dict:
-    from library.formats import WRITE_FORMATS, lora_tensors
-    from library.lora_combine import combine, group_targets
-    from library.merge_plan import LoraInput
-    from library.metadata import lora_metadata, minimal_metadata, provenance, title_of
-    from library.safetensors_io import cast_clamped, parse_dtype, save_tensors
-
-    mode = "concat" if args.concat else args.mode
     save_to = prepare_output(args.save_to, args.models, args)
-    loras = read_inputs(args.models, args.family, args.allow_unmatched)
-    inputs = [LoraInput(p, lora, r, bw) for p, lora, r, bw in zip(args.models, loras, ratios, block_weights)]
-    family, groups = group_targets(inputs)
-    modules, reports = combine(groups, mode, density=args.density, sign_method=args.majority_sign_method,
-                               seed=args.seed, shuffle=args.shuffle)
-    first = inputs[0].lora
-    fmt = args.format or (first.format if first.format in WRITE_FORMATS else "kohya")
-    ranks = [r.rank for r in reports if r.rank is not None]
-    print(f"{len(inputs)} {family} LoRA(s) -> {len(modules)} modules, mode {mode}, "
-          f"rank {min(ranks, default=0)}..{max(ranks, default=0)}, format {fmt}")
-    dense = [r for r in reports if r.kind == "diff"]
+    inputs = lora_inputs(args.models, args.ratios, block_weights, family=args.family,
+                         allow_unmatched=args.allow_unmatched)
+    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle)
+    plan = plan_lora_merge(inputs, "concat" if args.concat else args.mode, args.format, save_to, options)
+    if args.dry_run:
+        print("dry run, nothing written:\n  " + "\n  ".join(plan.lines()))
+        return {"plan": plan}
+    merged = run_lora_merge(plan)
+    ranks = [r.rank for r in merged.reports if r.rank is not None]
+    print(f"{len(inputs)} {plan.family} LoRA(s) -> {len(merged.modules)} modules, mode {plan.mode}, "
+          f"rank {min(ranks, default=0)}..{max(ranks, default=0)}, format {plan.fmt}")
+    dense = [r for r in merged.reports if r.kind == "diff"]
     if dense:
         warn(f"{len(dense)} weight(s) have LoHa/LoKr/full adapters: written as exact dense diffs")
-    if mode != "concat":
-        errors = [r.relative_error for r in reports if r.kind == "lora"]
-        print(f"  {mode} is approximate: relative error of the merged delta, mean {sum(errors) / len(errors):.3g}, "
-              f"max {max(errors):.3g} (concat is exact; svd_merge_lora.py for delta-space modes)")
+    if plan.mode != "concat":
+        print(f"  {plan.mode} is approximate: {merged.summary} (concat is exact; svd_merge_lora.py for delta-space "
+              f"modes)")
         if args.verbose:
-            _print_lines([f"{r.target}: rank {r.rank}, relative error {r.relative_error:.3e}"
-                          for r in sorted(reports, key=lambda r: -r.relative_error)], args.verbose)
-    tensors, extra = lora_tensors(modules, family, fmt)
-    save_dtype = parse_dtype(args.save_precision) if args.save_precision else input_dtype(first)
-    # alphas stay float32: a summed rank (e.g. 384) is not exactly representable in bf16.
-    tensors = {k: v if k.endswith(".alpha") or not v.is_floating_point() else cast_clamped(v, save_dtype).contiguous()
-               for k, v in tensors.items()}
-    seeded = args.shuffle or mode in ("dare_linear", "dare_ties") or any(b is not None for b in block_weights)
-    alphas = [r.alpha for r in reports if r.alpha is not None]
-    meta = lora_metadata(first.metadata, family=family, ranks=ranks or [0], alphas=alphas or [0], save_to=save_to or "",
-                         merged_from=[title_of(p, inp.lora.metadata) for p, inp in zip(args.models, inputs)],
-                         extra=provenance("merge_lora.py", args, args.models, seed=args.seed if seeded else None))
-    meta.update(extra)
-    if args.no_metadata:
-        meta = minimal_metadata(meta)
-    if args.dry_run:
-        return {"modules": modules, "reports": reports}
-    save_tensors(save_to, tensors, meta, inputs=args.models, overwrite=args.overwrite, kohya_hashes=True)
+            print_lines(merged.layer_lines, args.verbose)
+    write_merged(plan, merged, script="merge_lora.py", args=args, save_precision=args.save_precision,
+                 no_metadata=args.no_metadata, overwrite=args.overwrite)
     print(f"wrote {save_to}")
-    return {"modules": modules, "reports": reports, "save_to": save_to}
+    return {"modules": merged.modules, "reports": merged.reports, "save_to": save_to}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -287,15 +202,17 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def _main(args: argparse.Namespace) -> dict:
-    check_counts(args.ratios, args.models, "--ratios")
-    ratios = args.ratios if args.ratios else [1.0] * len(args.models)
+    from library.block_weights import block_weights_for_models
+    from library.inputs import ratios_for
+
+    ratios_for(args.ratios, args.models)  # counts checked before anything is read
     block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,
                                              seed=args.seed, x=args.lbw_x)
     if args.sd_model:
-        return merge_into_checkpoint(args, ratios, block_weights)
+        return merge_into_checkpoint(args, block_weights)
     if args.mode != "concat" and args.concat:
         raise LoraToolsError(f"--concat contradicts --mode {args.mode}")
-    return merge_loras(args, ratios, block_weights)
+    return merge_loras(args, block_weights)
 
 
 if __name__ == "__main__":

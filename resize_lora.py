@@ -15,16 +15,14 @@ import argparse
 import json
 import os
 import sys
-from collections import Counter
 
 import torch
 
 from library.cli import add_common_args, prepare_output, progress, resolve_device, run_cli
 from library.errors import LoraToolsError
 from library.lowrank import DYNAMIC_METHODS
-from library.metadata import lora_metadata, provenance
 from library.resize import ResizeJob, ResizeSettings, is_removed, resize_layers, summarize
-from library.safetensors_io import open_checkpoint, parse_dtype
+from library.safetensors_io import open_checkpoint
 from networks import adapter_from_tensors
 
 
@@ -57,17 +55,18 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from library.formats import WRITE_FORMATS, read_lora, save_lora
+    from library.formats import read_lora
+    from library.lora_output import output_dtype, output_format, write_lora
 
     device = resolve_device(args.device)
     save_to = prepare_output(args.save_to, [args.model], args)
     lora = read_lora(args.model, family=args.family, allow_unmatched=args.allow_unmatched)
-    save_dtype = parse_dtype(args.save_precision) if args.save_precision else input_dtype(lora.modules)
+    save_dtype = output_dtype([lora], args.save_precision)
     settings = ResizeSettings(new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
                               dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param,
                               remove_conv=args.remove_conv_dims, remove_linear=args.remove_linear_dims,
                               oversample=args.svd_oversample, power_iters=args.svd_power_iters, seed=args.seed,
-                              alpha_dtype=save_dtype, device=device)
+                              alpha_dtype=torch.float32, device=device)  # the LoRA writer stores alpha in fp32
     jobs, passthrough = plan(lora.modules, args)
     kept_jobs = [job for job in jobs if not is_removed(job, settings)]
     if args.dry_run:
@@ -83,10 +82,9 @@ def main(args: argparse.Namespace) -> dict:
     modules += passthrough
     reports = [results[job.name].report for job in kept_jobs]
     old_ranks = [job.adapter.rank for job in kept_jobs if job.adapter.rank]
-    metadata = resize_metadata(lora, reports, old_ranks, args, save_to)
-    out_format = args.format or (lora.format if lora.format in WRITE_FORMATS else "kohya")
-    save_lora(save_to, modules, family=lora.family, fmt=out_format, metadata=metadata, save_dtype=save_dtype,
-              inputs=[args.model], overwrite=args.overwrite)
+    write_lora(save_to, modules, lora.family, output_format(args.format, lora), dtype=save_dtype,
+               script="resize_lora.py", args=args, inputs=[args.model], base_metadata=lora.metadata,
+               seed=args.seed, extra=resize_comment(lora, old_ranks, args), overwrite=args.overwrite)
     summary = summarize(reports)
     summary.update({"file_size_before": os.path.getsize(args.model), "file_size_after": os.path.getsize(save_to),
                     "removed": len(jobs) - len(kept_jobs), "passed_through": len(passthrough)})
@@ -95,12 +93,6 @@ def main(args: argparse.Namespace) -> dict:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump({"input": args.model, "output": save_to, "summary": summary, "layers": reports}, f, indent=1)
     return {"summary": summary, "layers": reports}
-
-
-def input_dtype(modules) -> torch.dtype:
-    """The dtype most of the input's factor tensors have (what the output keeps by default)."""
-    counts = Counter(t.dtype for m in modules for k, t in m.tensors.items() if k != "alpha" and t.is_floating_point())
-    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def plan(modules, args) -> tuple[list[ResizeJob], list]:
@@ -135,8 +127,8 @@ def base_weight(reader, module, path: str) -> torch.Tensor:
     return weight
 
 
-def resize_metadata(lora, reports, old_ranks, args, save_to) -> dict[str, str]:
-    """The input's metadata, dims/alphas updated ("Dynamic" when they differ) and the resize recorded."""
+def resize_comment(lora, old_ranks, args) -> dict[str, str]:
+    """sd-scripts' training comment (what the resize did, before the input's own comment) and our record."""
     old = max(old_ranks) if old_ranks else 0
     if args.dynamic_method:
         comment = f"Dynamic resize with {args.dynamic_method}: {args.dynamic_param} from {old}; "
@@ -146,12 +138,8 @@ def resize_metadata(lora, reports, old_ranks, args, save_to) -> dict[str, str]:
     params = {"new_rank": args.new_rank, "new_conv_rank": args.new_conv_rank, "dynamic_method": args.dynamic_method,
               "dynamic_param": args.dynamic_param, "remove_conv_dims": args.remove_conv_dims,
               "remove_linear_dims": args.remove_linear_dims, "seed": args.seed}
-    extra = {"ss_training_comment": comment + lora.metadata.get("ss_training_comment", ""),
-             "loratools.resize": json.dumps(params, sort_keys=True)}
-    metadata = lora_metadata(lora.metadata, family=lora.family, ranks=[r["new_rank"] for r in reports],
-                             alphas=[r["alpha"] for r in reports], save_to=save_to, extra=extra)
-    metadata.update(provenance("resize_lora.py", args, [args.model], seed=args.seed))
-    return metadata
+    return {"ss_training_comment": comment + lora.metadata.get("ss_training_comment", ""),
+            "loratools.resize": json.dumps(params, sort_keys=True)}
 
 
 def print_summary(reports, summary, args) -> None:

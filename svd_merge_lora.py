@@ -25,19 +25,10 @@ import sys
 
 import torch
 
-from library.cli import (
-    add_common_args,
-    check_counts,
-    compute_dtype,
-    prepare_output,
-    progress,
-    resolve_device,
-    run_cli,
-    warn,
-)
+from library.cli import add_common_args, compute_dtype, prepare_output, progress, resolve_device, run_cli, warn
 from library.errors import LoraToolsError
 from library.lowrank import DYNAMIC_METHODS
-from library.merge_methods import METHOD_NAMES, METHODS, SIGN_METHODS
+from library.methods import DELTA, SIGN_METHODS, mode_choices
 
 PRINT_LIMIT = 40
 
@@ -54,8 +45,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         help="rank of Linear and 1×1 conv layers; the cap when --dynamic_method is used (default 4)")
     parser.add_argument("--new_conv_rank", "--svd_conv_rank", type=int, default=None,
                         help="rank of k×k conv layers (default: --new_rank)")
-    parser.add_argument("--mode", default="add", choices=sorted(m for m in METHODS if m in METHOD_NAMES
-                                                                 or m.endswith("_svd")),
+    parser.add_argument("--mode", default="add", choices=mode_choices(DELTA),
                         help="how the per-layer deltas ratioᵢ·ΔWᵢ are combined before the SVD (default add)")
     parser.add_argument("--density", type=float, default=1.0,
                         help="ties/dare/magnitude_prune: share of entries kept, in (0, 1] (default 1)")
@@ -90,13 +80,11 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def read_inputs(args: argparse.Namespace, ratios: list[float]):
     from library.block_weights import block_weights_for_models
-    from library.formats import read_lora
-    from library.merge_plan import LoraInput
+    from library.inputs import lora_inputs
 
     block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,
                                              seed=args.seed, x=args.lbw_x)
-    return [LoraInput(path, read_lora(path, family=args.family, allow_unmatched=args.allow_unmatched), ratio, bw)
-            for path, ratio, bw in zip(args.models, ratios, block_weights)]
+    return lora_inputs(args.models, ratios, block_weights, family=args.family, allow_unmatched=args.allow_unmatched)
 
 
 def settings_from(args: argparse.Namespace):
@@ -113,22 +101,15 @@ def settings_from(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> dict:
-    from library.formats import WRITE_FORMATS, lora_tensors
+    from library.inputs import ratios_for
     from library.lora_combine import group_targets
-    from library.metadata import lora_metadata, minimal_metadata, provenance, title_of
-    from library.safetensors_io import cast_clamped, parse_dtype, save_tensors
+    from library.lora_output import output_dtype, output_format, write_lora
+    from library.metadata import title_of
+    from library.methods import recorded_seed
     from library.svd_merge import merge_layers, uses_factored_route
-    from library.svd_merge_plan import (
-        jobs_from_groups,
-        layer_line,
-        modules_from_results,
-        storage_dtype,
-        summary,
-        write_report,
-    )
+    from library.svd_merge_plan import jobs_from_groups, layer_line, modules_from_results, summary, write_report
 
-    check_counts(args.ratios, args.models, "--ratios")
-    ratios = args.ratios if args.ratios else [1.0] * len(args.models)
+    ratios = ratios_for(args.ratios, args.models)
     settings = settings_from(args)
     save_to = prepare_output(args.save_to, args.models, args)
     inputs = read_inputs(args, ratios)
@@ -137,7 +118,7 @@ def main(args: argparse.Namespace) -> dict:
         raise LoraToolsError("nothing to merge: every module has strength 0")
     jobs = jobs_from_groups(groups, len(inputs))
     first = inputs[0].lora
-    fmt = args.format or (first.format if first.format in WRITE_FORMATS else "kohya")
+    fmt = output_format(args.format, first)
     factored = sum(uses_factored_route(j, settings) for j in jobs)
     print(f"{len(inputs)} {family} LoRA(s) -> {len(jobs)} layers, mode {settings.mode}, format {fmt}: "
           f"{factored} exact factored, {len(jobs) - factored} dense (randomized SVD)")
@@ -161,22 +142,12 @@ def main(args: argparse.Namespace) -> dict:
             print(f"  ... and {len(lines) - limit} more (-vv lists all)")
 
     modules = modules_from_results(groups, results)
-    tensors, extra = lora_tensors(modules, family, fmt)
-    save_dtype = parse_dtype(args.save_precision) if args.save_precision else storage_dtype(i.lora for i in inputs)
-    # alpha = rank is an integer: float32 stores it exactly whatever the factors' dtype.
-    tensors = {k: v if k.endswith(".alpha") or not v.is_floating_point() else cast_clamped(v, save_dtype).contiguous()
-               for k, v in tensors.items()}
-    ranks = [r.report["rank_out"] for r in results.values()]
-    alphas = [r.alpha for r in results.values()]
-    random_used = settings.mode in ("dare_linear", "dare_ties") or factored < len(jobs)
-    meta = lora_metadata(first.metadata, family=family, ranks=ranks, alphas=alphas, save_to=save_to,
-                         merged_from=[title_of(p, i.lora.metadata) for p, i in zip(args.models, inputs)],
-                         extra=provenance("svd_merge_lora.py", args, args.models,
-                                          seed=args.seed if random_used else None))
-    meta.update(extra)
-    if args.no_metadata:
-        meta = minimal_metadata(meta)
-    save_tensors(save_to, tensors, meta, inputs=args.models, overwrite=args.overwrite, kohya_hashes=True)
+    seed = recorded_seed(args.seed, mode=settings.mode, block_weights=[i.block_weights for i in inputs],
+                         randomized_svd=factored < len(jobs))
+    write_lora(save_to, modules, family, fmt, dtype=output_dtype((i.lora for i in inputs), args.save_precision),
+               script="svd_merge_lora.py", args=args, inputs=args.models, base_metadata=first.metadata,
+               merged_from=[title_of(p, i.lora.metadata) for p, i in zip(args.models, inputs)], seed=seed,
+               minimal=args.no_metadata, overwrite=args.overwrite)
     if args.report:
         write_report(args.report, results, {"models": args.models, "ratios": ratios, "mode": settings.mode,
                                             "family": family, "format": fmt, "save_to": save_to})

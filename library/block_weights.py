@@ -92,6 +92,7 @@ class BlockWeights:
     length: int  # the layout (number of values as written)
     values: Mapping[str, float]  # every block of the full layout (26, 20 or 61 names)
     constant: bool = False  # a preset with one value everywhere applies to any family
+    random: bool = False  # drawn from the seed (R/U tokens): the output records the seed
 
     def check_family(self, family: str, *, file: str | None = None) -> None:
         if self.constant:
@@ -167,7 +168,8 @@ def parse_block_weights(text: str | Sequence[float], presets: Mapping[str, str] 
     given = dict(zip(names, values))
     # A constant preset (ALL, NONE, ALL0.5) means "this strength everywhere", whatever the family.
     constant = is_preset and len(set(values)) == 1
-    return BlockWeights(label, len(tokens), {n: given.get(n, 0.0) for n in full}, constant)
+    return BlockWeights(label, len(tokens), {n: given.get(n, 0.0) for n in full}, constant,
+                        any(t in ("R", "U") for t in tokens))
 
 
 def load_presets(path: str | os.PathLike) -> dict[str, str]:

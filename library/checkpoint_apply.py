@@ -124,7 +124,7 @@ def updated_tensor(stored: torch.Tensor, contributions: list[Contribution], *, o
                    chunk_elements: int | None = None, stats: KeyStats | None = None) -> torch.Tensor:
     """`stored + Σ strength·ΔW` over the planned rows, computed in row chunks, cast (clamped) to `out_dtype`.
 
-    Not `weight_update.add_delta` on the whole tensor: that allocates several full-size float32
+    Not one whole-tensor `stored.float() + delta`: that allocates several full-size float32
     temporaries per weight, which on SDXL-sized weights costs ~20× more than this loop, whose chunk
     buffers are allocated once and stay in cache. With `stats`, ‖intended delta‖² and ‖realized − intended‖²
     (what the storage dtype's rounding and range clamping took away) are accumulated; that costs a few

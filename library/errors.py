@@ -23,3 +23,7 @@ class LoraToolsError(Exception):
         # Keep it to one line: embedded newlines would break pipelines that grep stderr.
         text = ": ".join(parts + [self.message])
         return " ".join(text.split("\n"))
+
+
+class AmbiguousFamilyError(LoraToolsError):
+    """The keys fit several model families equally well: a caller may retry with a family it knows."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from library.errors import LoraToolsError
+from library.errors import AmbiguousFamilyError, LoraToolsError
 from library.extract import ExtractOptions, LayerResult
 from library.extract_naming import GENERIC_STYLES, generic_tensors, module_name, peft_adapter_metadata
 from library.extract_pairs import CheckpointPair
@@ -114,9 +114,9 @@ def _detect_family(pair: CheckpointPair, args: argparse.Namespace) -> str | None
 def _detect_one(detect, reader, path: str) -> str | None:
     try:
         return detect(reader)
-    except LoraToolsError as exc:
-        if "ambiguous" in str(exc).lower():
-            raise
+    except AmbiguousFamilyError:
+        raise
+    except LoraToolsError:
         return None
 
 

@@ -11,11 +11,14 @@ diffusers layout).
 
 from __future__ import annotations
 
-from dataclasses import replace
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from library.errors import LoraToolsError
 from library.formats import FAMILIES, CheckpointLayout, LoraFile, Target, read_lora
 from library.formats.checkpoint import MAIN_COMPONENTS, Placement, detect_checkpoint_layout
+from library.merge_plan import LoraInput
 
 FAMILY = "flux1"
 # component -> (flag name, canonical key prefix of that text encoder)
@@ -123,3 +126,52 @@ def part_of(lora: LoraFile, component: str) -> LoraFile:
     keep = [m for m in lora.modules if (m.target.component if m.target.component in TEXT_ENCODERS else "transformer")
             == component]
     return replace(lora, modules=keep, unmatched=list(lora.unmatched) if component == "transformer" else [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which model file takes which part of the LoRAs
+
+
+def inputs_for(inputs: list[LoraInput], component: str) -> list[LoraInput]:
+    """The inputs restricted to one model file's modules (see part_of)."""
+    return [LoraInput(i.path, part_of(i.lora, component), i.ratio) for i in inputs]
+
+
+@dataclass
+class ModelJob:
+    component: str  # "transformer", "te1" or "t5"
+    model: str  # the checkpoint merged into
+    flag: str  # the flag naming the output, for error messages
+    save_to: str | None
+    layout_of: Callable
+
+
+def model_jobs(inputs: list[LoraInput], flux_model: str | None, save_to: str | None,
+               encoders: dict[str, tuple[str | None, str | None]]) -> tuple[list[ModelJob], list[str]]:
+    """One job per model file given (the transformer, and `encoders`: component -> (checkpoint, save_to)),
+    and the text-encoder components the LoRAs change but no checkpoint was given for."""
+    has = {c: any(i.lora.modules for i in inputs_for(inputs, c)) for c in ("transformer", *TEXT_ENCODERS)}
+    if has["transformer"] and not flux_model:
+        raise LoraToolsError("the LoRAs change the Flux transformer but no --flux_model was given")
+    jobs = [ModelJob("transformer", flux_model, "--save_to", save_to, flux_layout)] if flux_model else []
+    left = []
+    for comp, (flag, _prefix) in TEXT_ENCODERS.items():
+        model, out = encoders.get(comp, (None, None))
+        if model:
+            jobs.append(ModelJob(comp, model, f"--{flag}_save_to", out, lambda r, c=comp: text_encoder_layout(r, c)))
+        elif has[comp]:
+            left.append(comp)
+    return jobs, left
+
+
+def leftover_inputs(inputs: list[LoraInput], components: list[str]) -> list[LoraInput]:
+    """The inputs' modules of `components` only (text encoders with no checkpoint), files without any dropped."""
+    kept = [LoraInput(i.path, replace(i.lora, modules=[m for c in components for m in part_of(i.lora, c).modules]),
+                      i.ratio) for i in inputs]
+    return [i for i in kept if i.lora.modules]
+
+
+def te_side_path(save_to: str) -> str:
+    """Where leftover text-encoder modules go by default: <save_to>_te_lora.safetensors."""
+    stem, _ext = os.path.splitext(save_to)
+    return stem + "_te_lora.safetensors"

@@ -24,12 +24,13 @@ import torch
 from library.errors import LoraToolsError
 from library.formats.types import Module, Target
 from library.lowrank import lowrank_fro_norm_sq, stack_factors
-from library.merge_methods import MergeContext, generator_for, get_method, merge_factors
+from library.merge_methods import MergeContext, generator_for, merge_factors
 from library.merge_plan import LoraInput
+from library.methods import FACTOR, names
 from networks import adapter_from_tensors
 from networks.base import Adapter
 
-MODES = ("concat", "add", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+MODES = names(FACTOR)  # from the registry: concat and the factor-space methods
 
 
 @dataclass
@@ -187,8 +188,6 @@ def combine(groups: list[Group], mode: str = "concat", *, density: float = 1.0, 
     """The merged modules and a report per target (see module docstring)."""
     if mode not in MODES:
         raise LoraToolsError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
-    if mode != "concat":
-        get_method(mode)  # validates the name against the registry
     modules: list[Module] = []
     reports: list[LayerReport] = []
     for group in groups:

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from library import methods
 from library.errors import LoraToolsError
-
-SIGN_METHODS = ("total", "frequency")
-
+from library.methods import SIGN_METHODS
 
 # ---------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -143,10 +142,13 @@ def merge_dare_ties(tensors, weights, ctx: MergeContext) -> torch.Tensor:
 
 MergeFn = Callable[[Sequence[torch.Tensor], Sequence[float], MergeContext], torch.Tensor]
 
+FUNCTIONS: dict[str, MergeFn] = {"add": merge_add, "ties": merge_ties, "dare_linear": merge_dare_linear,
+                                 "dare_ties": merge_dare_ties, "magnitude_prune": merge_magnitude_prune}
+
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered method: its function, the parameters it reads from MergeContext, and its other names."""
+    """A method of library.methods (its name, parameters, aliases, randomness) with its tensor function."""
 
     name: str
     fn: MergeFn
@@ -156,27 +158,15 @@ class MergeMethod:
     summary: str
 
 
-def _register(*methods: MergeMethod) -> dict[str, MergeMethod]:
-    table: dict[str, MergeMethod] = {}
-    for method in methods:
-        for label in (method.name, *method.aliases):
-            table[label] = method
-    return table
+def _bind(spec: methods.Method) -> MergeMethod:
+    return MergeMethod(spec.name, FUNCTIONS[spec.name], spec.params, (*spec.delta_aliases, *spec.aliases),
+                       spec.random, spec.summary)
 
 
-METHODS: dict[str, MergeMethod] = _register(
-    MergeMethod("add", merge_add, (), ("add_svd", "linear", "task_arithmetic", "svd"), False,
-                "weighted sum Σ wᵢ tᵢ"),
-    MergeMethod("ties", merge_ties, ("density", "sign_method"), ("ties_svd",), False,
-                "top-density magnitudes, elected sign, mean of agreeing entries"),
-    MergeMethod("dare_linear", merge_dare_linear, ("density", "seed"), ("dare_linear_svd",), True,
-                "random drop (keep = density), rescale by 1/density, weighted sum"),
-    MergeMethod("dare_ties", merge_dare_ties, ("density", "sign_method", "seed"), ("dare_ties_svd",), True,
-                "random drop and rescale, elected sign, mean of agreeing entries"),
-    MergeMethod("magnitude_prune", merge_magnitude_prune, ("density",), ("magnitude_prune_svd",), False,
-                "top-density magnitudes per tensor, weighted sum"),
-)
-METHOD_NAMES = ("add", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+# Every tensor method of the registry, under each of its names (concat is no tensor method: lora_combine).
+METHODS: dict[str, MergeMethod] = {label: bound for spec in methods.METHODS if spec.name in FUNCTIONS
+                                   for bound in (_bind(spec),) for label in (spec.name, *bound.aliases)}
+METHOD_NAMES = tuple(name for name in methods.names(methods.DELTA))
 
 
 def get_method(name: str) -> MergeMethod:

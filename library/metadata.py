@@ -136,6 +136,16 @@ def provenance(script: str, args: object, inputs: Iterable[str], *, seed: int | 
     return meta
 
 
+def checkpoint_metadata(base: Mapping[str, str], *, script: str, args: object, inputs: Iterable[str],
+                        seed: int | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Metadata of a checkpoint we merged LoRAs into: the checkpoint's own, without the hashes that
+    described the old weights, then `extra` (modelspec, base model name) and our provenance."""
+    meta = {k: v for k, v in base.items() if k not in STALE_ON_WRITE}
+    meta.update(extra or {})
+    meta.update(provenance(script, args, inputs, seed=seed))
+    return meta
+
+
 def minimal_metadata(meta: Mapping[str, str]) -> dict[str, str]:
     """What `--no_metadata` keeps: only what a loader needs to apply the file correctly."""
     keep = ("ss_network_dim", "ss_network_alpha", "ss_network_module", "lora_adapter_metadata", "format")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from library.errors import LoraToolsError
+from library.errors import AmbiguousFamilyError, LoraToolsError
 from library.formats.family import Family
 from library.formats.registry import FAMILIES
 from library.formats.types import Target
@@ -142,8 +142,8 @@ def detect_checkpoint_layout(reader, family: str | None = None) -> CheckpointLay
     tied = [c for s, c in scored if s == best and c.family.name != scored[0][1].family.name]
     if tied:
         names = ", ".join(sorted({scored[0][1].family.name, *(c.family.name for c in tied)}))
-        raise LoraToolsError(f"ambiguous checkpoint family ({names}); say which with --family",
-                             file=getattr(reader, "path", None))
+        raise AmbiguousFamilyError(f"ambiguous checkpoint family ({names}); say which with --family",
+                                   file=getattr(reader, "path", None))
     return scored[0][1]
 
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from library.errors import LoraToolsError
+from library.errors import AmbiguousFamilyError, LoraToolsError
 from library.formats.family import Family, Slot
 from library.formats.keys import old_diffusers_style, parse_key, peft_style
 from library.formats.registry import FAMILIES
@@ -161,8 +161,8 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
         if len(hinted) == 1:
             return hinted[0]
         names = ", ".join(r.family.name for r in top)
-        raise LoraToolsError(f"ambiguous model family: the modules fit {names} equally well; "
-                             f"say which with --family", file=path)
+        raise AmbiguousFamilyError(f"ambiguous model family: the modules fit {names} equally well; "
+                                   f"say which with --family", file=path)
     return top[0]
 
 

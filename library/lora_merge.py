@@ -1,0 +1,122 @@
+"""LoRAs → one LoRA, for merge_lora.py and flux_merge_lora.py without a checkpoint: the plan (inputs,
+family, mode, targets, output), the merge — factor space through library.lora_combine, delta space
+(flux's `svd` / `*_svd` modes) through library.svd_merge — and the write through library.lora_output.
+
+The plan is made without any maths, so `--dry_run` prints it and stops in a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from library.errors import LoraToolsError
+from library.lora_combine import Group, LayerReport, combine, group_targets
+from library.lora_output import output_dtype, output_format, write_lora
+from library.merge_plan import LoraInput
+from library.metadata import title_of
+from library.methods import DELTA, method, recorded_seed, space_of
+
+
+@dataclass
+class MergeOptions:
+    density: float = 1.0
+    sign_method: str = "total"
+    seed: int = 0
+    shuffle: bool = False
+    new_rank: int | None = None  # delta-space modes only
+    device: object = None
+
+
+@dataclass
+class LoraMergePlan:
+    inputs: list[LoraInput]
+    family: str
+    groups: list[Group]
+    mode: str
+    fmt: str
+    save_to: str | None
+    options: MergeOptions = field(default_factory=MergeOptions)
+
+    @property
+    def space(self) -> str:
+        return space_of(self.mode)
+
+    def lines(self) -> list[str]:
+        """What will be done, one line each: inputs, family and mode, targets, output."""
+        out = [f"input {i.path}: {i.lora.format}, {len(i.lora.modules)} modules, ratio {i.ratio:g}"
+               + (f", block weights {i.block_weights.text}" if i.block_weights is not None else "")
+               for i in self.inputs]
+        kinds = sorted({t.adapter.kind for g in self.groups for t in g.terms})
+        out.append(f"family {self.family}, mode {self.mode} ({self.space} space"
+                   f"{', exact' if self.mode == 'concat' else ''}), {len(self.groups)} targets ({', '.join(kinds)})")
+        out.append(f"output {self.save_to or '(none)'}, format {self.fmt}")
+        return out
+
+    def seed(self) -> int | None:
+        """The seed provenance records: only when the run draws from it."""
+        return recorded_seed(self.options.seed, mode=self.mode, shuffle=self.options.shuffle,
+                             block_weights=[i.block_weights for i in self.inputs],
+                             randomized_svd=self.space == DELTA)
+
+
+@dataclass
+class MergedLora:
+    modules: list
+    reports: list[LayerReport]  # factor space: one per target
+    results: dict | None = None  # delta space: library.svd_merge results per layer
+    summary: str = "exact"  # one line on the error of the result
+    layer_lines: list[str] = field(default_factory=list)  # worst first
+
+
+def plan_lora_merge(inputs: list[LoraInput], mode: str, fmt: str | None, save_to: str | None,
+                    options: MergeOptions | None = None) -> LoraMergePlan:
+    method(mode)  # an unknown name fails here, before anything is read twice
+    family, groups = group_targets(inputs)
+    if not groups:
+        raise LoraToolsError("nothing to merge: every module has strength 0")
+    options = options or MergeOptions()
+    if space_of(mode) == DELTA and options.new_rank is None:
+        raise LoraToolsError(f"--mode {mode} needs --new_rank")
+    return LoraMergePlan(inputs, family, groups, mode, output_format(fmt, inputs[0].lora), save_to, options)
+
+
+def run_lora_merge(plan: LoraMergePlan) -> MergedLora:
+    opts = plan.options
+    if plan.space == DELTA:
+        return _delta_merge(plan)
+    modules, reports = combine(plan.groups, plan.mode, density=opts.density, sign_method=opts.sign_method,
+                               seed=opts.seed, shuffle=opts.shuffle)
+    if plan.mode == "concat":
+        return MergedLora(modules, reports)
+    errors = [r.relative_error for r in reports if r.kind == "lora"]
+    summary = (f"relative error of the merged delta, mean {sum(errors) / max(len(errors), 1):.3g}, "
+               f"max {max(errors, default=0):.3g}")
+    lines = [f"{r.target}: rank {r.rank}, relative error {r.relative_error:.3e}"
+             for r in sorted(reports, key=lambda r: -r.relative_error)]
+    return MergedLora(modules, reports, None, summary, lines)
+
+
+def _delta_merge(plan: LoraMergePlan) -> MergedLora:
+    from library.svd_merge import MergeSettings, merge_layers
+    from library.svd_merge_plan import jobs_from_groups, modules_from_results, summary
+
+    opts = plan.options
+    name = method(plan.mode).name
+    settings = MergeSettings(mode=name, new_rank=opts.new_rank, density=opts.density, sign_method=opts.sign_method,
+                             seed=opts.seed, device=opts.device)
+    results = merge_layers(jobs_from_groups(plan.groups, len(plan.inputs)), settings)
+    st = summary(results)
+    line = (f"relative error vs the exact merged delta: mean {st['rel_error_mean']:.3g}, "
+            f"max {st['rel_error_max']:.3g} ({st['worst_layer']})")
+    return MergedLora(modules_from_results(plan.groups, results), [], results, line)
+
+
+def write_merged(plan: LoraMergePlan, merged: MergedLora, *, script: str, args: object, save_precision: str | None,
+                 no_metadata: bool = False, overwrite: bool = False):
+    """Write the merged LoRA through the one LoRA writer; the first input's metadata is the base."""
+    inputs = [i.path for i in plan.inputs]
+    return write_lora(plan.save_to, merged.modules, plan.family, plan.fmt,
+                      dtype=output_dtype((i.lora for i in plan.inputs), save_precision), script=script, args=args,
+                      inputs=inputs, base_metadata=plan.inputs[0].lora.metadata,
+                      merged_from=[title_of(i.path, i.lora.metadata) for i in plan.inputs], seed=plan.seed(),
+                      minimal=no_metadata, overwrite=overwrite)
