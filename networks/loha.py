@@ -37,12 +37,3 @@ class LoHaAdapter(Adapter):
             m1 = self.w1_a.float() @ self.w1_b.float()
             m2 = self.w2_a.float() @ self.w2_b.float()
         return reshape_to(m1 * m2 * self.scale, shape, self.name)
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"hada_w1_a": self.w1_a, "hada_w1_b": self.w1_b, "hada_w2_a": self.w2_a, "hada_w2_b": self.w2_b}
-        if self.t1 is not None:
-            out["hada_t1"], out["hada_t2"] = self.t1, self.t2
-        if self.alpha is not None:
-            out["alpha"] = torch.tensor(float(self.alpha))
-        out.update(self._extras())
-        return out

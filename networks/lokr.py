@@ -58,10 +58,3 @@ class LoKrAdapter(Adapter):
         while w1.dim() < w2.dim():
             w1 = w1.unsqueeze(-1)
         return reshape_to(torch.kron(w1, w2) * self.scale, shape, self.name)
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = dict(self.tensors)
-        if self.alpha is not None:
-            out["alpha"] = torch.tensor(float(self.alpha))
-        out.update(self._extras())
-        return out

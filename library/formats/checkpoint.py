@@ -88,11 +88,6 @@ class CheckpointLayout:
                 out[ck] = (Target(key, None, table.components[key], tuple(shape)), False)
         return out
 
-    def target_of(self, checkpoint_key: str) -> Target | None:
-        hit = self.targets([checkpoint_key]).get(checkpoint_key)
-        return hit[0] if hit else None
-
-
 def layout_candidates(family: str | None = None) -> list[CheckpointLayout]:
     """Every layout a checkpoint of `family` (or of any family) may have: canonical, prefixed or stripped, diffusers."""
     out = []
