@@ -111,6 +111,14 @@ class Adapter(ABC):
         return f"{self.kind}{rank}{dora}"
 
 
+def identity_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with a @ b = w exactly, rank min(w.shape): one side is w itself, the other an identity."""
+    m, n = w.shape
+    if m <= n:
+        return torch.eye(m, dtype=w.dtype), w
+    return w, torch.eye(n, dtype=w.dtype)
+
+
 def reshape_to(delta: torch.Tensor, shape: tuple[int, ...] | None, name: str) -> torch.Tensor:
     if shape is None or tuple(delta.shape) == tuple(shape):
         return delta

@@ -1,7 +1,7 @@
 """SD 2.x: LDM UNet (linear proj_in/out, 1024 context) and OpenCLIP-H (23 layers, fused in_proj)."""
 
 from library.formats.family import Family
-from library.formats.sd_family import block_id_for, read_prefixes, writers
+from library.formats.sd_family import CHECKPOINT_LAYOUTS, block_id_for, read_prefixes, writers
 from library.formats.sd_unet import build_unet
 from library.formats.text_encoders import build_openclip
 
@@ -10,6 +10,7 @@ FAMILY = Family(
     namings={"unet": ("diffusers", "ldm"), "te1": ("clip_h",)},
     read_prefixes=read_prefixes(te2=False),
     write=writers("diffusers", {"te1": ("lora_te_", "text_encoder", "clip_h")}),
+    checkpoint_layouts=CHECKPOINT_LAYOUTS,
     block_id=block_id_for(12),
     hints=("sd_v2", "stable-diffusion-v2"),
 )

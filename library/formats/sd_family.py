@@ -6,6 +6,8 @@ from library.formats.family import WriteSpec
 from library.formats.sd_unet import block_id as unet_block_id
 
 TE_COMFY = {"sd1": "clip_l", "sd2": "clip_h"}
+# Checkpoint layouts besides the LDM single file: a diffusers `unet/` folder or file.
+CHECKPOINT_LAYOUTS = {"diffusers": ("", "diffusers")}
 
 
 def read_prefixes(te2: bool) -> tuple[tuple[str, str], ...]:

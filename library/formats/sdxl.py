@@ -1,7 +1,7 @@
 """SDXL base: SGM UNet (kohya names it with SGM paths), CLIP-L (TE1) and OpenCLIP-G (TE2, fused in_proj)."""
 
 from library.formats.family import Family
-from library.formats.sd_family import block_id_for, read_prefixes, writers
+from library.formats.sd_family import CHECKPOINT_LAYOUTS, block_id_for, read_prefixes, writers
 from library.formats.sd_unet import build_unet
 from library.formats.text_encoders import build_clip, build_openclip
 
@@ -11,6 +11,7 @@ FAMILY = Family(
     read_prefixes=read_prefixes(te2=True),
     write=writers("ldm", {"te1": ("lora_te1_", "text_encoder", "clip_l"),
                           "te2": ("lora_te2_", "text_encoder_2", "clip_g")}),
+    checkpoint_layouts=CHECKPOINT_LAYOUTS,
     block_id=block_id_for(9),
     hints=("sdxl", "stable-diffusion-xl"),
 )
