@@ -18,9 +18,8 @@ from library.formats import FAMILIES, CheckpointLayout, LoraFile, Target, read_l
 from library.formats.checkpoint import detect_checkpoint_layout, partial_layout
 
 FAMILY = "flux1"
-# component -> (flag name, canonical key prefix of that text encoder)
-TEXT_ENCODERS = {"te1": ("clip_l", "text_encoders.clip_l.transformer."),
-                 "t5": ("t5xxl", "text_encoders.t5xxl.transformer.")}
+# component -> (flag name, canonical key prefix of that text encoder), from the family's text encoders
+TEXT_ENCODERS = {c: (te.name, te.key_prefix) for c, te in FAMILIES[FAMILY].text_encoders.items()}
 # Models outside library.formats whose module names collide with Flux.1's (HunyuanVideo's single blocks
 # have `linear1`/`linear2` of the same shapes): named by these words in a LoRA's metadata.
 UNLISTED_MODELS = {"hunyuan": "HunyuanVideo", "chroma": "Chroma", "auraflow": "AuraFlow", "ltx": "LTX-Video"}

@@ -206,3 +206,63 @@ def test_everything_we_write_reads_back_with_the_same_delta(module, fmt):
     assert (got - expected).abs().max().item() <= 1e-5 * scale, (key, kind, fmt)
     if kind.startswith(("loha", "lokr")) and fmt == "diffusers":
         assert not any(".hada_" in k or ".lokr_" in k for k in out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# convert_lora end to end: both outcomes of --to diffusers on a LoKr, and a bad input refused.
+
+
+def convert(argv, capsys):
+    import convert_lora
+
+    try:
+        code = convert_lora.run_cli(convert_lora.setup_parser, convert_lora.main, [str(a) for a in argv] + ["--family", "sd1"])
+    except SystemExit as exc:  # user errors exit 2 with one line on stderr
+        code = exc.code
+    return code, capsys.readouterr()
+
+
+def test_convert_lokr_to_diffusers_exactly_or_refuse(tmp_path, capsys):
+    from library.safetensors_io import load_tensors, save_tensors
+
+    g = torch.Generator().manual_seed(5)
+    w1, w2a, w2b = torch.randn(4, 4, generator=g), torch.randn(80, 2, generator=g), torch.randn(2, 80, generator=g)
+    src, dst = tmp_path / "lokr.safetensors", tmp_path / "peft.safetensors"
+    save_tensors(src, {f"{ATTN}.lokr_w1": w1, f"{ATTN}.lokr_w2_a": w2a, f"{ATTN}.lokr_w2_b": w2b,
+                       f"{ATTN}.alpha": torch.tensor(1.0)}, {})
+    code, out = convert([src, dst, "--to", "diffusers"], capsys)
+    assert code == 0, out.err
+    tensors, meta = load_tensors(dst)
+    assert not any("lokr" in k for k in tensors) and len(tensors) == 2
+    back = read_lora_file(dst)
+    (module,) = back.modules
+    a = adapter_from_tensors(module.tensors)
+    expected = torch.kron(w1.double(), w2a.double() @ w2b.double()) * (1.0 / 2)  # scale α / rank(w2)
+    assert a.rank == 8 and torch.allclose(a.delta().double(), expected, rtol=0, atol=1e-5)
+    # both factors full: rank 4·80 = 320 on a 320×320 weight -> one line, exit 2, nothing written
+    full, dst2 = tmp_path / "full.safetensors", tmp_path / "no.safetensors"
+    save_tensors(full, {f"{ATTN}.lokr_w1": w1, f"{ATTN}.lokr_w2": torch.randn(80, 80, generator=g)}, {})
+    code, out = convert([full, dst2, "--to", "diffusers"], capsys)
+    assert code == 2 and not dst2.exists()
+    line = out.err.strip()
+    assert "\n" not in line and ATTN in line and "has no LoKr" in line
+    assert "formats that hold LoKr modules: kohya, ai-toolkit, comfy" in line
+    assert convert([full, dst2, "--to", "kohya"], capsys)[0] == 0
+
+
+def test_convert_refuses_ranks_that_disagree(tmp_path, capsys):
+    from library.safetensors_io import save_tensors
+
+    src, dst = tmp_path / "bad.safetensors", tmp_path / "out.safetensors"
+    t = lora()
+    t[f"{ATTN}.lora_up.weight"] = torch.randn(320, 3)
+    save_tensors(src, t, {})
+    code, out = convert([src, dst, "--to", "diffusers"], capsys)
+    assert code == 2 and not dst.exists()
+    assert str(src) in out.err and f"{ATTN}.lora_up.weight" in out.err and "has rank 3" in out.err
+
+
+def read_lora_file(path):
+    from library.formats import read_lora
+
+    return read_lora(path, family="sd1")
