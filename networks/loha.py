@@ -13,6 +13,12 @@ def tucker_factor(core: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> t
                         w_a.float().reshape(w_a.shape[0], -1))
 
 
+def tucker_pair(core: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a [out, r], b [r, in·kh·kw]) in float64 with a @ b = `tucker_factor` flattened: aᵀ = w_a, b = core ×₂ w_b."""
+    inner = torch.einsum("ij...,jq->iq...", core.double(), w_b.double().reshape(w_b.shape[0], -1))
+    return w_a.double().reshape(w_a.shape[0], -1).T.contiguous(), inner.reshape(inner.shape[0], -1)
+
+
 class LoHaAdapter(Adapter):
     kind = "loha"
 
@@ -40,13 +46,10 @@ class LoHaAdapter(Adapter):
 
     def _pair(self, i: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(a [out, r], b [r, in·kh·kw]) in float64 with a @ b = the i-th Hadamard factor (flattened)."""
-        w_a, w_b, core = (getattr(self, f"w{i}_a").double(), getattr(self, f"w{i}_b").double(),
-                          getattr(self, f"t{i}"))
-        if core is None:
-            return w_a, w_b.reshape(w_b.shape[0], -1)
-        # Tucker (LyCORIS layout w_a [r, out], w_b [r, in]): M = w_aᵀ @ (core ×₂ w_b)
-        inner = torch.einsum("ij...,jq->iq...", core.double(), w_b.reshape(w_b.shape[0], -1))
-        return w_a.reshape(w_a.shape[0], -1).T.contiguous(), inner.reshape(inner.shape[0], -1)
+        w_a, w_b, core = getattr(self, f"w{i}_a"), getattr(self, f"w{i}_b"), getattr(self, f"t{i}")
+        if core is not None:
+            return tucker_pair(core, w_a, w_b)
+        return w_a.double(), w_b.double().reshape(w_b.shape[0], -1)
 
     @property
     def exact_rank(self) -> int:

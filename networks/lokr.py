@@ -6,7 +6,7 @@ import torch
 
 from library.errors import LoraToolsError
 from networks.base import Adapter, DoraMagnitude, identity_factors, reshape_to, scale_for
-from networks.loha import tucker_factor
+from networks.loha import tucker_factor, tucker_pair
 
 
 class LoKrAdapter(Adapter):
@@ -66,13 +66,10 @@ class LoKrAdapter(Adapter):
         if f"lokr_w{i}" in t:
             w = t[f"lokr_w{i}"].double()
             return identity_factors(w.reshape(w.shape[0], -1))
-        w_a, w_b = t[f"lokr_w{i}_a"].double(), t[f"lokr_w{i}_b"].double()
-        w_b = w_b.reshape(w_b.shape[0], -1)
+        w_a, w_b = t[f"lokr_w{i}_a"], t[f"lokr_w{i}_b"]
         if f"lokr_t{i}" in t:
-            # Tucker (LyCORIS layout w_a [r, out], w_b [r, in]): w = w_aᵀ @ (core ×₂ w_b)
-            inner = torch.einsum("ij...,jq->iq...", t[f"lokr_t{i}"].double(), w_b)
-            return w_a.T.contiguous(), inner.reshape(inner.shape[0], -1)
-        return w_a, w_b
+            return tucker_pair(t[f"lokr_t{i}"], w_a, w_b)
+        return w_a.double(), w_b.double().reshape(w_b.shape[0], -1)
 
     @property
     def exact_rank(self) -> int:
