@@ -4,7 +4,9 @@ Per canonical weight, the output naming's modules ("slots") receive the input mo
 when the row ranges agree, else after an exact split/fuse (regroup.py). The scale travels as alpha
 where the format can hold it (`.alpha` keys, or `lora_adapter_metadata` for diffusers); AI-Toolkit's
 PEFT files cannot, so there it is baked into the factors with power-of-two moves (exact when the scale
-is a power of two, a rounding of the last bit otherwise).
+is a power of two, a rounding of the last bit otherwise). Which prefix, naming and alpha rule each
+format uses for a family comes from `library.formats.specs` (one module per format). PEFT holds only
+LoRA: LoHa/LoKr modules are written there as their exact LoRA form, or refused (`_as_lora`).
 """
 
 from __future__ import annotations
