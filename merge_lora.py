@@ -91,8 +91,8 @@ def _hint(args: argparse.Namespace) -> str | None:
 
 def choose_layout(reader, args: argparse.Namespace):
     """The checkpoint's family and layout: detected, checked against --sdxl/--v2/--family."""
-    from library.formats import FAMILIES
-    from library.formats.checkpoint import detect_checkpoint_layout
+    from library.formats import FAMILIES, CheckpointLayout
+    from library.formats.checkpoint import detect_checkpoint_layout, partial_layout
 
     hint = _hint(args)
     if args.family and args.family not in FAMILIES:
@@ -100,27 +100,13 @@ def choose_layout(reader, args: argparse.Namespace):
     layout = detect_checkpoint_layout(reader, family=args.family)
     if layout is None:
         if args.family:
-            return partial_layout(reader, args.family)
+            return partial_layout(reader, args.family) or CheckpointLayout(args.family)
         raise LoraToolsError("cannot tell which model family this checkpoint is; pass --family",
                              file=args.sd_model)
     if hint and layout.family.name != hint:
         flag = "--family" if args.family else "--sdxl" if args.sdxl else "--v2"
         raise LoraToolsError(f"{flag} says {hint} but the checkpoint is {layout.family.name}", file=args.sd_model)
     return layout
-
-
-def partial_layout(reader, family: str):
-    """For a checkpoint holding only part of a `family` model: the layout (canonical, with the usual key
-    prefix, or the family's other namings such as Flux's diffusers layout) under which most of the
-    family's main weights that are present have their exact shapes."""
-    from library.formats import FAMILIES, CheckpointLayout
-    from library.formats.checkpoint import score
-
-    fam = FAMILIES[family]
-    candidates = [CheckpointLayout(family), CheckpointLayout(family, prefix="model.diffusion_model.")]
-    candidates += [CheckpointLayout(family, prefix=p, naming=n) for p, n in fam.checkpoint_layouts.values()]
-    best = max(candidates, key=lambda c: score(c, reader))
-    return best if score(best, reader) > 0 else candidates[0]
 
 
 def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:

@@ -33,55 +33,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from library.errors import LoraToolsError
-from library.formats import block_id as canonical_block_id
+from library.formats.registry import FAMILIES
 
-_IN26 = [f"IN{i:02d}" for i in range(12)]
-_OUT26 = [f"OUT{i:02d}" for i in range(12)]
-LAYOUTS: dict[int, tuple[str, ...]] = {
-    17: ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *_OUT26[3:]),
-    26: ("BASE", *_IN26, "M00", *_OUT26),
-    12: ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *_OUT26[:6]),
-    20: ("BASE", *_IN26[:9], "M00", *_OUT26[:9]),
-    61: ("CLIP", "T5", "IN", *[f"D{i:02d}" for i in range(19)], *[f"S{i:02d}" for i in range(38)], "OUT"),
-}
+# The layouts, presets and webui blocks are family facts (`Family.block_weights` in library.formats);
+# these tables gather them by layout length, the form the webui strings come in.
+_LBW = {name: fam.block_weights for name, fam in FAMILIES.items() if fam.block_weights is not None}
+LAYOUTS: dict[int, tuple[str, ...]] = {n: names for lbw in _LBW.values() for n, names in lbw.layouts.items()}
 # Which families each layout is written for (sd-scripts tells SD1/SD2 from SDXL by the length too).
-LAYOUT_FAMILIES: dict[int, tuple[str, ...]] = {17: ("sd1", "sd2"), 26: ("sd1", "sd2"), 12: ("sdxl",), 20: ("sdxl",),
-                                                61: ("flux1",)}
-FAMILY_LAYOUTS: dict[str, tuple[int, ...]] = {"sd1": (17, 26), "sd2": (17, 26), "sdxl": (12, 20), "flux1": (61,)}
+LAYOUT_FAMILIES: dict[int, tuple[str, ...]] = {n: tuple(f for f, lbw in _LBW.items() if n in lbw.layouts) for n in LAYOUTS}
+FAMILY_LAYOUTS: dict[str, tuple[int, ...]] = {f: tuple(lbw.layouts) for f, lbw in _LBW.items()}
+# The webui's built-in presets of every family (DEF_WEIGHT_PRESET of sd-webui-lora-block-weight, FLUXALL).
+PRESETS: dict[str, str] = {k: v for lbw in _LBW.values() for k, v in lbw.presets.items()}
 
-# The webui's built-in presets (DEF_WEIGHT_PRESET of sd-webui-lora-block-weight).
-PRESETS: dict[str, str] = {
-    "NONE": ",".join(["0"] * 17),
-    "ALL": ",".join(["1"] * 17),
-    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
-    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
-    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
-    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
-    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
-    "ALL0.5": ",".join(["0.5"] * 17),
-    "FLUXALL": ",".join(["1"] * 61),
-}
-
-_FLUX_IN = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.")
 _X = re.compile(r"^X(?:([+-])(\d+(?:\.\d*)?|\.\d+))?$")
 
 
 def webui_block(family: str, key: str) -> str | None:
     """The webui block of a canonical weight key, or None for weights outside every block."""
-    block = canonical_block_id(family, key)
-    if family != "flux1":
-        return block
-    # The webui splits Flux's non-block weights further: CLIP / T5 encoders, input embedders, final layer.
-    if block == "BASE":
-        return "T5" if ".t5xxl." in key else "CLIP"
-    if block is None:
-        if key.startswith(_FLUX_IN):
-            return "IN"
-        if key.startswith("final_layer."):
-            return "OUT"
-    return block
+    lbw = _LBW.get(family)
+    return lbw.block(key) if lbw is not None else FAMILIES[family].block_id(key)
 
 
 @dataclass(frozen=True)
@@ -164,7 +134,7 @@ def parse_block_weights(text: str | Sequence[float], presets: Mapping[str, str] 
     rng = random.Random(seed)
     values = [_value(t, rng, x, label) for t in tokens]
     names = LAYOUTS[len(tokens)]
-    full = LAYOUTS[61] if len(tokens) == 61 else LAYOUTS[26]
+    full = _LBW[LAYOUT_FAMILIES[len(tokens)][0]].full
     given = dict(zip(names, values))
     # A constant preset (ALL, NONE, ALL0.5) means "this strength everywhere", whatever the family.
     constant = is_preset and len(set(values)) == 1

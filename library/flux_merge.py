@@ -17,13 +17,12 @@ from dataclasses import dataclass, replace
 
 from library.errors import LoraToolsError
 from library.formats import FAMILIES, CheckpointLayout, LoraFile, Target, read_lora
-from library.formats.checkpoint import MAIN_COMPONENTS, Placement, detect_checkpoint_layout
+from library.formats.checkpoint import detect_checkpoint_layout, partial_layout
 from library.merge_plan import LoraInput
 
 FAMILY = "flux1"
-# component -> (flag name, canonical key prefix of that text encoder)
-TEXT_ENCODERS = {"te1": ("clip_l", "text_encoders.clip_l.transformer."),
-                 "t5": ("t5xxl", "text_encoders.t5xxl.transformer.")}
+# component -> (flag name, canonical key prefix of that text encoder), from the family's text encoders
+TEXT_ENCODERS = {c: (te.name, te.key_prefix) for c, te in FAMILIES[FAMILY].text_encoders.items()}
 # Models outside library.formats whose module names collide with Flux.1's (HunyuanVideo's single blocks
 # have `linear1`/`linear2` of the same shapes): named by these words in a LoRA's metadata.
 UNLISTED_MODELS = {"hunyuan": "HunyuanVideo", "chroma": "Chroma", "auraflow": "AuraFlow", "ltx": "LTX-Video"}
@@ -72,19 +71,6 @@ def read_flux_lora(path: str, allow_unmatched: bool = False) -> LoraFile:
 # Checkpoint layouts
 
 
-def _flux_layouts() -> list[CheckpointLayout]:
-    fam = FAMILIES[FAMILY]
-    out = [CheckpointLayout(FAMILY), CheckpointLayout(FAMILY, prefix="model.diffusion_model.")]
-    out += [CheckpointLayout(FAMILY, prefix=p, naming=n) for p, n in fam.checkpoint_layouts.values()]
-    return out
-
-
-def _main_placements(layout: CheckpointLayout) -> list[Placement]:
-    table = layout.family.table
-    return [p for key, c in table.components.items() if c in MAIN_COMPONENTS
-            for p in layout.placements(Target(key, None, c, table.shapes[key]))]
-
-
 def flux_layout(reader) -> CheckpointLayout:
     """The layout of a Flux transformer checkpoint.
 
@@ -92,19 +78,11 @@ def flux_layout(reader) -> CheckpointLayout:
     blocks (pruned or distilled models, small test files) by names alone, the shapes of the weights we
     change being checked one by one when they are used.
     """
-    found = detect_checkpoint_layout(reader, FAMILY)
-    if found is not None:
-        return found
-    keys = set(reader.keys())
-    best, best_hits = None, 0
-    for layout in _flux_layouts():
-        hits = sum(p.checkpoint_key in keys for p in _main_placements(layout))
-        if hits > best_hits:
-            best, best_hits = layout, hits
-    if best is None or best_hits < 4:
+    found = detect_checkpoint_layout(reader, FAMILY) or partial_layout(reader, FAMILY, min_main_keys=4)
+    if found is None:
         raise LoraToolsError("not a FLUX.1 transformer checkpoint (no BFL or diffusers Flux weight names found)",
                              file=getattr(reader, "path", None))
-    return best
+    return found
 
 
 def text_encoder_layout(reader, component: str) -> CheckpointLayout:

@@ -16,34 +16,20 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from library import __version__
+from library.formats.registry import FAMILIES
 
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 PROVENANCE_PREFIX = "loratools."
 
-# modelspec.architecture of a LoRA per family (sd-scripts' sai_model_spec values; checkpoints drop "/lora").
-ARCHITECTURES = {
-    "sd1": "stable-diffusion-v1",
-    "sd2": "stable-diffusion-v2-512",
-    "sd2_v": "stable-diffusion-v2-768-v",
-    "sdxl": "stable-diffusion-xl-v1-base",
-    "sd3": "stable-diffusion-3-medium",
-    "flux1": "flux-1-dev",
-    "flux1_schnell": "flux-1-schnell",
-    "flux2": "flux-2-dev",
-    "chroma": "chroma",
-    "qwen_image": "qwen-image",
-    "wan21": "wan-2.1",
-    "z_image": "z-image",
-    "hunyuan_video": "hunyuan-video",
-}
-IMPLEMENTATIONS = {
-    "sd1": "diffusers",
-    "sd2": "diffusers",
-    "sdxl": "https://github.com/Stability-AI/generative-models",
-    "flux1": "https://github.com/black-forest-labs/flux",
-}
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux1": "flux1", "sd3": "sd3"}
-RESOLUTIONS = {"sd1": "512x512", "sd2": "512x512", "sdxl": "1024x1024", "flux1": "1024x1024", "sd3": "1024x1024"}
+# Per-family ss_* / modelspec values are family facts (`Family.metadata` in library.formats); these
+# tables keep the old names. Model variants that are no family of ours keep their architecture here.
+_FACTS = {name: fam.metadata for name, fam in FAMILIES.items()}
+ARCHITECTURES = {**{n: f.architecture for n, f in _FACTS.items() if f.architecture},
+                 "sd2_v": "stable-diffusion-v2-768-v", "flux1_schnell": "flux-1-schnell", "chroma": "chroma",
+                 "hunyuan_video": "hunyuan-video"}
+IMPLEMENTATIONS = {n: f.implementation for n, f in _FACTS.items() if f.implementation}
+BASE_MODEL_VERSIONS = {n: f.base_model_version for n, f in _FACTS.items() if f.base_model_version}
+RESOLUTIONS = {n: f.resolution for n, f in _FACTS.items() if f.resolution}
 
 # What a merge/resize invalidates: training statistics describe the old weights, not ours.
 STALE_ON_WRITE = HASH_KEYS + ("modelspec.hash_sha256",)
@@ -76,11 +62,11 @@ def lora_metadata(base: Mapping[str, str] | None, *, family: str | None, ranks: 
     if network_module:
         meta["ss_network_module"] = network_module
     elif "ss_network_module" not in meta:
-        meta["ss_network_module"] = "networks.lora_flux" if family == "flux1" else "networks.lora"
+        meta["ss_network_module"] = _FACTS[family].network_module if family in _FACTS else "networks.lora"
     if family in BASE_MODEL_VERSIONS and "ss_base_model_version" not in meta:
         meta["ss_base_model_version"] = BASE_MODEL_VERSIONS[family]
-    if family in ("sd1", "sd2", "sdxl"):
-        meta.setdefault("ss_v2", str(family == "sd2"))
+    if family in _FACTS and _FACTS[family].v2 is not None:
+        meta.setdefault("ss_v2", str(_FACTS[family].v2))
     meta.update(modelspec(family, save_to, lora=True, merged_from=merged_from))
     meta.update(extra or {})
     return meta

@@ -10,9 +10,10 @@ from networks.full import FullDiffAdapter
 from networks.loha import LoHaAdapter
 from networks.lokr import LoKrAdapter
 from networks.lora import LoRAAdapter
+from networks.validate import check_module
 
 __all__ = ["Adapter", "DoraMagnitude", "LoRAAdapter", "LoHaAdapter", "LoKrAdapter", "FullDiffAdapter",
-           "adapter_from_tensors", "KNOWN_SUFFIXES"]
+           "adapter_from_tensors", "check_module", "KNOWN_SUFFIXES"]
 
 LORA_SUFFIXES = {"lora_down.weight", "lora_up.weight", "lora_mid.weight"}
 LOHA_SUFFIXES = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
@@ -33,6 +34,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], name: str = "", *, do
                 if present & suffixes]
     if len(families) > 1:
         raise LoraToolsError(f"module mixes adapter types {families}", key=name)
+    check_module(tensors, name)
     alpha = alpha_value(tensors.get("alpha"))
     dora = DoraMagnitude.from_dora_scale(tensors["dora_scale"], name, dora_axis) if "dora_scale" in tensors else None
     bias = tensors.get("diff_b", tensors.get("b_norm", tensors.get("lora_up.bias")))
@@ -41,7 +43,6 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], name: str = "", *, do
         if not {"lora_down.weight", "lora_up.weight"} <= present:
             raise LoraToolsError("LoRA module needs both lora_down.weight and lora_up.weight", key=name)
         down, up, mid = tensors["lora_down.weight"], tensors["lora_up.weight"], tensors.get("lora_mid.weight")
-        _check_lora_shapes(down, up, mid, name)
         return LoRAAdapter(down, up, alpha, mid, name=name, dora=dora, bias_delta=bias)
     if kind == "loha":
         needed = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
@@ -57,10 +58,3 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], name: str = "", *, do
         raise LoraToolsError("module has no adapter tensors", key=name)
     return FullDiffAdapter(diff, name=name, bias_delta=bias)
 
-
-def _check_lora_shapes(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None, name: str) -> None:
-    rank = down.shape[0]
-    if up.dim() < 2 or up.shape[1] != rank or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
-        raise LoraToolsError(f"lora_up shape {tuple(up.shape)} does not match lora_down rank {rank}", key=name)
-    if mid is not None and (mid.shape[0] != up.shape[1] or mid.shape[1] != rank):
-        raise LoraToolsError(f"lora_mid shape {tuple(mid.shape)} does not match rank {rank}", key=name)

@@ -73,7 +73,6 @@ class Adapter(ABC):
     """One module's adapter. `delta()` includes the alpha scale but never the user's strength."""
 
     kind: str = ""
-    is_low_rank: bool = False
 
     def __init__(self, name: str = "", alpha: float | None = None, dora: DoraMagnitude | None = None,
                  bias_delta: torch.Tensor | None = None):
@@ -94,18 +93,6 @@ class Adapter(ABC):
     def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The full weight delta in float32, reshaped to `shape` when given (needed for flattened convs)."""
 
-    @abstractmethod
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors keyed by kohya/LyCORIS suffix, as they would be stored."""
-
-    def _extras(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        if self.dora is not None:
-            out["dora_scale"] = self.dora.magnitude
-        if self.bias_delta is not None:
-            out["diff_b"] = self.bias_delta
-        return out
-
     def delta_with_base(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """The change this adapter makes to `weight` at `strength`, in float32.
 
@@ -122,6 +109,14 @@ class Adapter(ABC):
         rank = f" rank {self.rank}" if self.rank is not None else ""
         dora = f" +DoRA({self.dora.axis})" if self.dora is not None else ""
         return f"{self.kind}{rank}{dora}"
+
+
+def identity_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with a @ b = w exactly, rank min(w.shape): one side is w itself, the other an identity."""
+    m, n = w.shape
+    if m <= n:
+        return torch.eye(m, dtype=w.dtype), w
+    return w, torch.eye(n, dtype=w.dtype)
 
 
 def reshape_to(delta: torch.Tensor, shape: tuple[int, ...] | None, name: str) -> torch.Tensor:

@@ -23,8 +23,3 @@ class FullDiffAdapter(Adapter):
         if self.diff is None:
             return torch.zeros_like(weight, dtype=torch.float32)
         return super().delta_with_base(weight, strength)
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {} if self.diff is None else {"diff": self.diff}
-        out.update(self._extras())
-        return out

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from library.errors import LoraToolsError
-from networks.base import Adapter, DoraMagnitude, reshape_to, scale_for
-from networks.loha import tucker_factor
+from networks.base import Adapter, DoraMagnitude, identity_factors, reshape_to, scale_for
+from networks.loha import tucker_factor, tucker_pair
 
 
 class LoKrAdapter(Adapter):
@@ -57,11 +57,38 @@ class LoKrAdapter(Adapter):
         # (LyCORIS' smart_falcon LoKr: w1 [20, 60], w2 [16, 48] on a 320×320×3×3 conv), as ComfyUI computes it.
         while w1.dim() < w2.dim():
             w1 = w1.unsqueeze(-1)
-        return reshape_to(torch.kron(w1, w2) * self.scale, shape, self.name)
+        # torch.kron needs contiguous inputs (a Tucker w2 comes out of einsum permuted)
+        return reshape_to(torch.kron(w1.contiguous(), w2.contiguous()) * self.scale, shape, self.name)
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = dict(self.tensors)
-        if self.alpha is not None:
-            out["alpha"] = torch.tensor(float(self.alpha))
-        out.update(self._extras())
+    def _pair(self, i: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) in float64 with a @ b = w_i (flattened to 2-D): the stored decomposition, else w_i and an identity."""
+        t = self.tensors
+        if f"lokr_w{i}" in t:
+            w = t[f"lokr_w{i}"].double()
+            return identity_factors(w.reshape(w.shape[0], -1))
+        w_a, w_b = t[f"lokr_w{i}_a"], t[f"lokr_w{i}_b"]
+        if f"lokr_t{i}" in t:
+            return tucker_pair(t[f"lokr_t{i}"], w_a, w_b)
+        return w_a.double(), w_b.double().reshape(w_b.shape[0], -1)
+
+    @property
+    def exact_rank(self) -> int:
+        """Rank of the exact LoRA form (`exact_factors`): r1·r2, a full factor counting its smaller side."""
+        out = 1
+        for i in ("1", "2"):
+            w = self.tensors.get(f"lokr_w{i}")
+            if w is not None:
+                out *= min(int(w.shape[0]), w[0].numel())
+            else:
+                out *= int(self.tensors[f"lokr_w{i}_b"].shape[0])
         return out
+
+    def exact_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up [out, R], down [R, in·kh·kw]) in float64 with up @ down = ΔW / scale (flattened).
+
+        kron(A1 B1, A2 B2) = kron(A1, A2) @ kron(B1, B2), so R = r1·r2, where a full factor counts its
+        smaller side. The flattened 2-D kron is the weight's kron reshaped (see `delta`).
+        """
+        a1, b1 = self._pair("1")
+        a2, b2 = self._pair("2")
+        return torch.kron(a1.contiguous(), a2.contiguous()), torch.kron(b1.contiguous(), b2.contiguous())

@@ -9,7 +9,6 @@ from networks.base import Adapter, DoraMagnitude, reshape_to, scale_for
 
 class LoRAAdapter(Adapter):
     kind = "lora"
-    is_low_rank = True
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None, mid: torch.Tensor | None = None,
                  *, name: str = "", dora: DoraMagnitude | None = None, bias_delta: torch.Tensor | None = None):
@@ -50,12 +49,3 @@ class LoRAAdapter(Adapter):
     def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         up, down = self.factors()
         return reshape_to(up @ down, shape or self.out_shape, self.name)
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"lora_down.weight": self.down, "lora_up.weight": self.up}
-        if self.mid is not None:
-            out["lora_mid.weight"] = self.mid
-        if self.alpha is not None:
-            out["alpha"] = torch.tensor(float(self.alpha))
-        out.update(self._extras())
-        return out

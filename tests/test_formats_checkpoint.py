@@ -102,3 +102,53 @@ def test_sdxl_te2_q_is_a_slice_of_in_proj():
 def test_block_ids(family, key, block):
     assert key in FAMILIES[family].table.shapes
     assert block_id(family, key) == block
+
+
+def _main_keys(layout: CheckpointLayout, blocks: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """checkpoint key -> stored shape of the main weights of `layout` whose canonical key starts with `blocks`."""
+    table = layout.family.table
+    out = {}
+    for key, comp in table.components.items():
+        if comp in ("unet", "transformer") and key.startswith(blocks):
+            for p in layout.placements(Target(key, None, comp, table.shapes[key])):
+                rows = p.checkpoint_rows or p.target_rows
+                full = table.shapes[key]
+                out[p.checkpoint_key] = (rows[1] - rows[0], *full[1:]) if rows else full
+    return out
+
+
+def test_partial_layout_of_a_pruned_flux_in_diffusers_layout():
+    from library.formats.checkpoint import partial_layout
+
+    diffusers = CheckpointLayout("flux1", naming="diffusers")
+    reader = FakeReader(_main_keys(diffusers, ("double_blocks.0.", "single_blocks.0.")))
+    assert detect_checkpoint_layout(reader, "flux1") is None  # 2 of 57 blocks: no majority
+    assert partial_layout(reader, "flux1").name == "flux1:diffusers"
+    assert partial_layout(reader, "flux1", min_main_keys=4).name == "flux1:diffusers"
+
+
+def test_partial_layout_prefers_exact_shapes_over_key_count():
+    from library.formats.checkpoint import partial_layout
+
+    # Many canonical keys at scaled-down widths, fewer diffusers keys at their real widths: shapes decide.
+    canon = {k: (8, 8) for k in _main_keys(CheckpointLayout("flux1"), ("double_blocks.",))}
+    real = _main_keys(CheckpointLayout("flux1", naming="diffusers"), ("single_blocks.0.",))
+    assert len(canon) > len(real)
+    assert partial_layout(FakeReader({**canon, **real}), "flux1").name == "flux1:diffusers"
+    # With no exact shape anywhere, the layout with most keys wins (a small test model).
+    small = {k: (4, 4) for k in real}
+    assert partial_layout(FakeReader({**canon, **small}), "flux1").name == "flux1:canonical"
+
+
+def test_partial_layout_unet_only_bare_keys_text_encoder_only_and_nothing():
+    from library.formats.checkpoint import partial_layout
+
+    table = FAMILIES["sd1"].table
+    bare = {k.removeprefix("model.diffusion_model."): (2, 2) for k in table.shapes
+            if k.startswith("model.diffusion_model.input_blocks.1.")}
+    assert partial_layout(FakeReader(bare), "sd1").name == "sd1:canonical"
+    assert partial_layout(FakeReader(bare), "sd1").strip == "model.diffusion_model."
+    te_only = FakeReader({k: s for k, s in FAMILIES["flux1"].table.shapes.items() if k.startswith("text_encoders.")})
+    assert partial_layout(te_only, "flux1").name == "flux1:canonical"  # extract: a text encoder on its own
+    assert partial_layout(te_only, "flux1", min_main_keys=4) is None  # flux_merge: needs the transformer
+    assert partial_layout(FakeReader({"some.other.weight": (3, 3)}), "sd1") is None

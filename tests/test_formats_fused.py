@@ -131,44 +131,63 @@ def test_xlabs_single_block_qkv_pads_linear1():
     assert "transformer.single_transformer_blocks.2.proj_mlp.lora_A.weight" not in peft  # nothing there
 
 
-def test_loha_on_a_fused_layer_splits_and_fuses_back_exactly():
+def test_loha_on_a_fused_layer_becomes_an_exact_split_lora_in_peft_formats():
     t = {"lora_unet_double_blocks_1_img_attn_qkv.hada_w1_a": rnd(3 * H, R),
          "lora_unet_double_blocks_1_img_attn_qkv.hada_w1_b": rnd(R, H),
          "lora_unet_double_blocks_1_img_attn_qkv.hada_w2_a": rnd(3 * H, R),
          "lora_unet_double_blocks_1_img_attn_qkv.hada_w2_b": rnd(R, H),
          "lora_unet_double_blocks_1_img_attn_qkv.alpha": torch.tensor(1.0)}
+    n = "lora_unet_double_blocks_1_img_attn_qkv."
+    probe = torch.randn(H, 3, generator=torch.Generator().manual_seed(H), dtype=torch.float64)
+    w1 = t[n + "hada_w1_a"].double() @ t[n + "hada_w1_b"].double()
+    w2 = t[n + "hada_w2_a"].double() @ t[n + "hada_w2_b"].double()
+    expected = (w1 * w2 * (1.0 / R)) @ probe  # ΔW = (α/r)·(w1_a w1_b) ⊙ (w2_a w2_b), written out
     lora = lora_from_tensors(t)
-    full = adapter_from_tensors(lora.modules[0].tensors).delta((3 * H, H)).double()
-    out, meta = lora_tensors(lora.modules, "flux1", "diffusers")
-    split = lora_from_tensors(out, meta)
-    for m in split.modules:
-        s, e = m.target.rows
-        part = adapter_from_tensors(m.tensors).delta(m.target.shape).double()
-        assert torch.allclose(part, full[s:e], rtol=0, atol=1e-9)
-    back, _ = lora_tensors(split.modules, "flux1", "kohya")
+    for fmt in ("diffusers", "ai-toolkit"):
+        out, meta = lora_tensors(lora.modules, "flux1", fmt)
+        assert not any(".hada_" in k for k in out)  # no LyCORIS keys under PEFT names
+        split = lora_from_tensors(out, meta)
+        assert len(split.modules) == 3
+        for m in split.modules:
+            s, e = m.target.rows
+            a = adapter_from_tensors(m.tensors)
+            assert a.kind == "lora" and a.rank == R * R
+            got = a.scale * (a.up.double().reshape(e - s, -1) @ (a.down.double() @ probe))
+            assert torch.allclose(got, expected[s:e], rtol=0, atol=1e-9), fmt
+    # kohya and comfy hold LoHa modules: unchanged, bit for bit
+    back, _ = lora_tensors(lora.modules, "flux1", "kohya")
     assert sorted(back) == sorted(t) and all(back[k].equal(v) for k, v in t.items())
 
 
-def test_lokr_on_a_fused_layer_splits_by_its_blocks_or_becomes_a_diff():
-    t = {"lora_unet_double_blocks_1_img_attn_qkv.lokr_w1": rnd(6, 4),
-         "lora_unet_double_blocks_1_img_attn_qkv.lokr_w2": rnd(3 * H // 6, H // 4),
-         "lora_unet_double_blocks_1_img_attn_qkv.alpha": torch.tensor(1.0)}
-    lora = lora_from_tensors(t)
-    full = adapter_from_tensors(lora.modules[0].tensors).delta((3 * H, H)).double()
-    out, meta = lora_tensors(lora.modules, "flux1", "diffusers")
-    w1 = t["lora_unet_double_blocks_1_img_attn_qkv.lokr_w1"]
-    assert out["transformer.transformer_blocks.1.attn.to_k.lokr_w1"].equal(w1[2:4])
-    back, _ = lora_tensors(lora_from_tensors(out, meta).modules, "flux1", "kohya")
-    assert all(back[k].equal(v) for k, v in t.items())
-    # w1 with 4 rows: a third of the rows is not a whole number of w2 blocks -> exact full diffs
-    t2 = {"lora_unet_double_blocks_1_img_attn_qkv.lokr_w1": rnd(4, 4),
-          "lora_unet_double_blocks_1_img_attn_qkv.lokr_w2": rnd(3 * H // 4, H // 4),
-          "lora_unet_double_blocks_1_img_attn_qkv.alpha": torch.tensor(1.0)}
-    lora2 = lora_from_tensors(t2)
-    full2 = adapter_from_tensors(lora2.modules[0].tensors).delta((3 * H, H)).double()
-    out2, _ = lora_tensors(lora2.modules, "flux1", "diffusers")
-    q = out2["transformer.transformer_blocks.1.attn.to_q.diff"].double()
-    assert torch.allclose(q, full2[:H], rtol=0, atol=1e-6) and full.shape == full2.shape
+def test_lokr_in_peft_formats_is_an_exact_lora_or_refused():
+    import pytest
+
+    from library.errors import LoraToolsError
+
+    n = "lora_unet_double_blocks_1_img_attn_qkv."
+    # Full factors: the exact LoRA form has rank 4·768 = 3072 on a 9216×3072 weight, no smaller than the weight.
+    full = {n + "lokr_w1": rnd(6, 4), n + "lokr_w2": rnd(3 * H // 6, H // 4), n + "alpha": torch.tensor(1.0)}
+    lora = lora_from_tensors(full)
+    for fmt in ("diffusers", "ai-toolkit"):
+        with pytest.raises(LoraToolsError, match=r"has no LoKr.*rank 3072.*formats that hold LoKr modules: kohya, comfy"):
+            lora_tensors(lora.modules, "flux1", fmt)
+    back, _ = lora_tensors(lora.modules, "flux1", "kohya")
+    assert sorted(back) == sorted(full) and all(back[k].equal(v) for k, v in full.items())
+    # Decomposed w2 of rank 2 with a 4×4 w1: an exact LoRA of rank 4·2 = 8, split over to_q/to_k/to_v.
+    low = {n + "lokr_w1": rnd(4, 4), n + "lokr_w2_a": rnd(3 * H // 4, 2), n + "lokr_w2_b": rnd(2, H // 4),
+           n + "alpha": torch.tensor(1.0)}
+    w2 = low[n + "lokr_w2_a"].double() @ low[n + "lokr_w2_b"].double()
+    probe = torch.randn(H, 3, generator=torch.Generator().manual_seed(H), dtype=torch.float64)
+    expected = torch.kron(low[n + "lokr_w1"].double(), w2) * (1.0 / 2) @ probe  # scale α / rank(w2)
+    out, meta = lora_tensors(lora_from_tensors(low).modules, "flux1", "diffusers")
+    assert not any(".lokr_" in k for k in out)
+    for p in ("to_q", "to_k", "to_v"):
+        assert out[f"transformer.transformer_blocks.1.attn.{p}.lora_A.weight"].shape == (8, H)
+    for m in lora_from_tensors(out, meta).modules:
+        s, e = m.target.rows
+        a = adapter_from_tensors(m.tensors)
+        got = a.scale * (a.up.double() @ (a.down.double() @ probe))
+        assert torch.allclose(got, expected[s:e], rtol=0, atol=1e-9)
 
 
 def test_split_parts_with_different_scales_fuse_exactly():

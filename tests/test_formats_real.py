@@ -84,7 +84,7 @@ def test_lycoris_lokr_converts_losslessly():
     path = os.path.join(LORAS, "LyCORIS__smart_falcon_4_lokr.safetensors")
     tensors, _ = load_tensors(path)
     lora = read_lora(path)
-    for fmt in ("diffusers", "comfy", "ai-toolkit"):
+    for fmt in ("comfy", "ai-toolkit"):  # both hold LyCORIS modules for SD1 (ai-toolkit: kohya-style names)
         out, meta = lora_tensors(lora.modules, "sd1", fmt)
         back, _ = lora_tensors(lora_from_tensors(out, meta).modules, "sd1", "kohya")
         assert sorted(back) == sorted(tensors)
@@ -97,6 +97,14 @@ def test_lycoris_lokr_converts_losslessly():
     got = adapter_from_tensors(module.tensors).delta(module.target.shape).double()
     want = _lokr_delta({s: tensors[f"{name}.{s}"] for s in ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "alpha")})
     assert torch.allclose(got, want.reshape(got.shape), rtol=1e-3, atol=1e-6)
+    # diffusers/PEFT has no LoKr: every module becomes its exact LoRA (rank r1·r2), with the same delta.
+    peft, meta = lora_tensors(lora.modules, "sd1", "diffusers")
+    assert not any(".lokr_" in k for k in peft)
+    module = next(m for m in lora_from_tensors(peft, meta).modules if m.target.key == module.target.key)
+    lora_form = adapter_from_tensors(module.tensors)
+    assert lora_form.kind == "lora" and lora_form.rank == tensors[f"{name}.lokr_w1_b"].shape[0] * \
+        tensors[f"{name}.lokr_w2_b"].shape[0]
+    assert torch.allclose(lora_form.delta(module.target.shape).double(), want.reshape(got.shape), rtol=1e-3, atol=1e-6)
 
 
 @needs_data

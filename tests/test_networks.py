@@ -192,3 +192,21 @@ def test_dora_against_lycoris(wd_on_out):
     x = torch.randn(5, 32)
     ours = org.weight.detach() + a.delta_with_base(org.weight.detach())
     assert rel(x @ ours.T, module.forward(x).detach()) < 1e-4
+
+
+def test_loha_and_lokr_exact_low_rank_forms():
+    g = torch.Generator().manual_seed(11)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    loha = {"hada_w1_a": r(6, 2), "hada_w1_b": r(2, 5), "hada_w2_a": r(6, 3), "hada_w2_b": r(3, 5)}
+    a = adapter_from_tensors(loha)
+    up, down = a.exact_factors()
+    want = (loha["hada_w1_a"] @ loha["hada_w1_b"]) * (loha["hada_w2_a"] @ loha["hada_w2_b"])
+    assert a.exact_rank == 6 and up.shape == (6, 6) and torch.allclose(up @ down, want, rtol=0, atol=1e-12)
+    lokr = {"lokr_w1": r(2, 3), "lokr_w2": r(4, 5)}  # both full: ranks min(2, 3) · min(4, 5)
+    k = adapter_from_tensors(lokr)
+    up, down = k.exact_factors()
+    assert k.exact_rank == 8 and up.shape == (8, 8) and down.shape == (8, 15)
+    assert torch.allclose(up @ down, torch.kron(lokr["lokr_w1"], lokr["lokr_w2"]), rtol=0, atol=1e-12)

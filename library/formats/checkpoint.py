@@ -88,11 +88,6 @@ class CheckpointLayout:
                 out[ck] = (Target(key, None, table.components[key], tuple(shape)), False)
         return out
 
-    def target_of(self, checkpoint_key: str) -> Target | None:
-        hit = self.targets([checkpoint_key]).get(checkpoint_key)
-        return hit[0] if hit else None
-
-
 def layout_candidates(family: str | None = None) -> list[CheckpointLayout]:
     """Every layout a checkpoint of `family` (or of any family) may have: canonical, prefixed or stripped, diffusers."""
     out = []
@@ -105,31 +100,36 @@ def layout_candidates(family: str | None = None) -> list[CheckpointLayout]:
             out.append(CheckpointLayout(name, strip=main_prefix))  # UNet-only file with bare LDM keys
         else:
             out.append(CheckpointLayout(name, prefix=main_prefix))  # ComfyUI-saved transformer checkpoints
-        for naming in fam.namings.get("unet", ()) + fam.namings.get("transformer", ()):
-            if naming == "diffusers":
-                out.append(CheckpointLayout(name, naming=naming))
+        out.extend(CheckpointLayout(name, prefix=p, naming=n) for p, n in fam.checkpoint_layouts.values())
     return out
+
+
+def _main_fit(layout: CheckpointLayout, keys: set[str], reader) -> tuple[int, int, int]:
+    """Over the placements of the family's main (UNet/transformer) weights: (present with their exact
+    shapes, present by name, all)."""
+    table = layout.family.table
+    exact = present = total = 0
+    for key, component in table.components.items():
+        if component not in MAIN_COMPONENTS:
+            continue
+        for p in layout.placements(Target(key, None, component, table.shapes[key])):
+            total += 1
+            if p.checkpoint_key not in keys:
+                continue
+            present += 1
+            want = table.shapes[key]
+            if p.target_rows:
+                want = (p.target_rows[1] - p.target_rows[0], *want[1:])
+            shape = tuple(reader.shape(p.checkpoint_key))
+            if shape == tuple(want) if p.checkpoint_rows is None else shape[1:] == tuple(want[1:]):
+                exact += 1
+    return exact, present, total
 
 
 def score(layout: CheckpointLayout, reader) -> float:
     """Fraction of the family's UNet/transformer weights present in the checkpoint with their exact shapes."""
-    table = layout.family.table
-    keys = set(reader.keys())
-    found = total = 0
-    mains = [k for k, c in table.components.items() if c in MAIN_COMPONENTS]
-    for key in mains:
-        target = Target(key, None, table.components[key], table.shapes[key])
-        for p in layout.placements(target):
-            total += 1
-            if p.checkpoint_key in keys:
-                shape = tuple(reader.shape(p.checkpoint_key))
-                rows = p.checkpoint_rows
-                want = table.shapes[key]
-                if p.target_rows:
-                    want = (p.target_rows[1] - p.target_rows[0], *want[1:])
-                if rows is None and shape == tuple(want) or rows is not None and shape[1:] == tuple(want[1:]):
-                    found += 1
-    return found / total if total else 0.0
+    exact, _present, total = _main_fit(layout, set(reader.keys()), reader)
+    return exact / total if total else 0.0
 
 
 def detect_checkpoint_layout(reader, family: str | None = None) -> CheckpointLayout | None:
@@ -147,19 +147,30 @@ def detect_checkpoint_layout(reader, family: str | None = None) -> CheckpointLay
     return scored[0][1]
 
 
-def layout_by_keys(reader, family: str) -> CheckpointLayout | None:
-    """The layout of `family` whose keys the checkpoint has most of, shapes aside (None when none match).
+def partial_layout(reader, family: str, *, min_main_keys: int = 0) -> CheckpointLayout | None:
+    """The layout of `family` that fits a checkpoint holding only part of the model (pruned, UNet- or
+    text-encoder-only, distilled with fewer blocks, a small test model), where `detect_checkpoint_layout`'s
+    exact-shape majority cannot hold.
 
-    For an explicit --family on a partial checkpoint (pruned, UNet-only, a small test model), where
-    `detect_checkpoint_layout`'s exact-shape majority cannot hold.
+    Candidates are `layout_candidates(family)`; the best has most main (UNet/transformer) weights with
+    their exact shapes, then most of the family's weights (any component) present by name. None when no
+    key of the checkpoint fits any candidate, or when the best has fewer than `min_main_keys` main
+    weights present by name (a caller that needs the main model, not only its text encoders).
     """
     keys = set(reader.keys())
-    best, best_count = None, 0
+    best, best_rank, best_present = None, (0, 0), 0
     for layout in layout_candidates(family):
-        count = len(layout.targets(keys))
-        if count > best_count:
-            best, best_count = layout, count
+        exact, present, _total = _main_fit(layout, keys, reader)
+        rank = (exact, len(layout.targets(keys)))
+        if rank > best_rank:
+            best, best_rank, best_present = layout, rank, present
+    if best is None or best_rank[1] == 0 or best_present < min_main_keys:
+        return None
     return best
+
+
+# Old name (extract_family calls it): a partial checkpoint's layout, shapes counted first, then keys.
+layout_by_keys = partial_layout
 
 
 def detect_checkpoint_family(reader) -> str | None:

@@ -68,21 +68,83 @@ class Table:
         return out
 
 
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a family, as each format and the checkpoint name it."""
+
+    name: str  # ComfyUI's encoder name: clip_l, clip_g, clip_h, t5xxl (`text_encoders.<name>.transformer.`)
+    naming: str  # the table's naming scheme of its modules (HF paths)
+    kohya_prefix: str  # lora_te_, lora_te1_, lora_te2_, lora_te3_
+    diffusers_prefix: str  # text_encoder, text_encoder_2, text_encoder_3 (diffusers pipeline component)
+    key_prefix: str  # canonical key prefix in the family's single-file checkpoint
+
+
+@dataclass(frozen=True)
+class MetadataFacts:
+    """The ss_* / modelspec values sd-scripts writes for this family (None: the key is not written)."""
+
+    architecture: str | None = None  # modelspec.architecture of the base model; a LoRA adds "/lora"
+    implementation: str | None = None  # modelspec.implementation
+    resolution: str | None = None  # modelspec.resolution
+    base_model_version: str | None = None  # ss_base_model_version
+    network_module: str = "networks.lora"  # ss_network_module of sd-scripts' trainer for this family
+    v2: bool | None = None  # ss_v2 (SD1.x / SD2.x / SDXL only)
+
+
+@dataclass(frozen=True)
+class BlockLayouts:
+    """sd-webui-lora-block-weight ("lbw") for a family: block-name lists by their length, the webui's
+    presets written for them, and the webui block of a canonical weight key (None: outside every block)."""
+
+    layouts: dict[int, tuple[str, ...]]
+    block: Callable[[str], str | None]
+    presets: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def full(self) -> tuple[str, ...]:
+        """The layout that names every block (the longest)."""
+        return max(self.layouts.values(), key=len)
+
+
 @dataclass
 class Family:
+    """A model family: its module table and naming rules (data), from which readers, the per-format
+    writers (`library.formats.specs`), metadata and block weights take everything family-specific."""
+
     name: str
     description: str
     # component -> naming schemes its modules may use in a file
     namings: dict[str, tuple[str, ...]]
     # (key prefix, component) pairs a reader accepts; a prefix ending in "_" is kohya-flattened
     read_prefixes: tuple[tuple[str, str], ...]
-    # format -> component -> how that format writes it
-    write: dict[str, dict[str, WriteSpec]]
     block_id: Callable[[str], str | None]
+    # naming of the main model (UNet / transformer) in the family's own checkpoints and in ComfyUI files
+    native: str
+    # naming that kohya/musubi-tuner flatten for the main model
+    kohya_naming: str
+    # how AI-Toolkit saves this family: "kohya-diffusers" (kohya-flattened diffusers names, SD/SDXL),
+    # "peft-diffusers" (`transformer.` + diffusers names in PEFT tensors, alpha baked: Flux.1, SD3),
+    # "peft-native" (`diffusion_model.` + native names, PEFT tensors, alpha baked: newer models)
+    ai_toolkit: str
+    text_encoders: dict[str, TextEncoder] = field(default_factory=dict)
     # substrings of ss_base_model_version / modelspec.architecture that name this family
     hints: tuple[str, ...] = ()
     # the family's checkpoint layouts other than the canonical one: name -> (key prefix, naming)
     checkpoint_layouts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    metadata: MetadataFacts = MetadataFacts()
+    block_weights: BlockLayouts | None = None
+
+    @property
+    def main(self) -> str:
+        """The main model's component: "unet" or "transformer"."""
+        return "unet" if "unet" in self.namings else "transformer"
+
+    @cached_property
+    def write(self) -> dict[str, dict[str, WriteSpec]]:
+        """format -> component -> how that format writes it (from the per-format modules)."""
+        from library.formats.specs import write_specs
+
+        return write_specs(self)
 
     @cached_property
     def table(self) -> Table:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from library.formats.family import Family, WriteSpec
+from library.formats.family import BlockLayouts, Family, MetadataFacts, TextEncoder
 
 H = 3072
 
@@ -57,8 +57,8 @@ def build(builder, shapes) -> None:
             builder.slot("xlabs", f"single_blocks.{m[2]}.processor.qkv_lora", path + ".weight", (0, 3 * H))
         elif m and m[3] == "linear2":
             builder.slot("xlabs", f"single_blocks.{m[2]}.processor.proj_lora", path + ".weight")
-    build_clip(builder, shapes("clip_l"), "te1", "text_encoders.clip_l.transformer.", "clip_l")
-    build_t5(builder, shapes("t5xxl"), "t5", "text_encoders.t5xxl.transformer.")
+    build_clip(builder, shapes("clip_l"), "te1", TE1.key_prefix, "clip_l")
+    build_t5(builder, shapes("t5xxl"), "t5", T5.key_prefix)
 
 
 def block_id(key: str) -> str | None:
@@ -69,11 +69,26 @@ def block_id(key: str) -> str | None:
     return f"{m[1][0].upper()}{int(m[2]):02d}" if m else None
 
 
-def _naming(component: str) -> str:
-    return "clip_l" if component == "te1" else "t5"
+# The webui's Flux layout: 61 values, the text encoders and embedders before the blocks, the final layer last.
+FLUX_LAYOUT = ("CLIP", "T5", "IN", *[f"D{i:02d}" for i in range(19)], *[f"S{i:02d}" for i in range(38)], "OUT")
+_FLUX_IN = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.")
 
 
-_TE = {"te1": ("lora_te1_", "text_encoder", "clip_l"), "t5": ("lora_te3_", "text_encoder_2", "t5xxl")}
+def webui_block(key: str) -> str | None:
+    """The webui splits Flux's non-block weights further: CLIP / T5 encoders, input embedders, final layer."""
+    block = block_id(key)
+    if block == "BASE":
+        return "T5" if ".t5xxl." in key else "CLIP"
+    if block is None:
+        if key.startswith(_FLUX_IN):
+            return "IN"
+        if key.startswith("final_layer."):
+            return "OUT"
+    return block
+
+
+TE1 = TextEncoder("clip_l", "clip_l", "lora_te1_", "text_encoder", "text_encoders.clip_l.transformer.")
+T5 = TextEncoder("t5xxl", "t5", "lora_te3_", "text_encoder_2", "text_encoders.t5xxl.transformer.")
 
 FAMILY = Family(
     name="flux1", description="FLUX.1 (dev, schnell and their derivatives)",
@@ -85,20 +100,13 @@ FAMILY = Family(
                    ("transformer.", "transformer"), ("text_encoder.", "te1"), ("text_encoder_2.", "t5"),
                    ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.t5xxl.transformer.", "t5"),
                    ("", "transformer")),
-    write={
-        "kohya": {"transformer": WriteSpec("lora_unet_", "bfl", flat=True),
-                  **{c: WriteSpec(kp, _naming(c), flat=True) for c, (kp, _d, _n) in _TE.items()}},
-        "diffusers": {"transformer": WriteSpec("transformer.", "diffusers", peft=True, alpha="metadata",
-                                               adapter_name="transformer"),
-                      **{c: WriteSpec(dp + ".", _naming(c), peft=True, alpha="metadata", adapter_name=dp)
-                         for c, (_k, dp, _n) in _TE.items()}},
-        # AI-Toolkit saves Flux.1 in PEFT layout with alpha = rank, i.e. no alpha anywhere (§1.1).
-        "ai-toolkit": {"transformer": WriteSpec("transformer.", "diffusers", peft=True, alpha="bake"),
-                       **{c: WriteSpec(dp + ".", _naming(c), peft=True, alpha="bake") for c, (_k, dp, _n) in _TE.items()}},
-        "comfy": {"transformer": WriteSpec("diffusion_model.", "bfl"),
-                  **{c: WriteSpec(f"text_encoders.{n}.transformer.", _naming(c)) for c, (_k, _d, n) in _TE.items()}},
-    },
+    native="bfl", kohya_naming="bfl",
+    ai_toolkit="peft-diffusers",  # AI-Toolkit saves Flux.1 in PEFT layout with alpha = rank (§1.1)
+    text_encoders={"te1": TE1, "t5": T5},
     block_id=block_id,
     hints=("flux1", "flux-1"),
     checkpoint_layouts={"diffusers": ("", "diffusers")},
+    metadata=MetadataFacts(architecture="flux-1-dev", implementation="https://github.com/black-forest-labs/flux",
+                           resolution="1024x1024", base_model_version="flux1", network_module="networks.lora_flux"),
+    block_weights=BlockLayouts({61: FLUX_LAYOUT}, webui_block, {"FLUXALL": ",".join(["1"] * 61)}),
 )

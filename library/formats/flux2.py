@@ -45,4 +45,4 @@ def block_id(key: str) -> str | None:
     return f"{m[1][0].upper()}{int(m[2]):02d}" if m else None
 
 
-FAMILY = transformer_family("flux2", "FLUX.2 dev", "bfl", block_id, ("flux2", "flux-2"))
+FAMILY = transformer_family("flux2", "FLUX.2 dev", "bfl", block_id, ("flux2", "flux-2"), architecture="flux-2-dev")

@@ -63,7 +63,3 @@ def peft_style(key: str) -> bool:
 
 def old_diffusers_style(key: str) -> bool:
     return bool(_PROCESSOR.match(key)) or ".lora.down." in key or ".lora.up." in key or ".lora_linear_layer." in key
-
-
-def xlabs_style(key: str) -> bool:
-    return bool(_XLABS.match(key))

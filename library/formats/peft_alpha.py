@@ -8,27 +8,52 @@ PEFT matches pattern keys against module names as `(.*\\.)?pattern$`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
+
+from library.errors import LoraToolsError
 
 KEY = "lora_adapter_metadata"
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_field(field: str, value: object, path: str | None, key: str) -> None:
+    """The LoraConfig fields we read must have PEFT's types: r / lora_alpha numbers, patterns {name: number}."""
+    where = f"{KEY} {key}"
+    if field in ("r", "lora_alpha") and value is not None and not _number(value):
+        raise LoraToolsError(f"{where} is {json.dumps(value)[:40]}; expected a finite number", file=path, key=KEY)
+    if field in ("alpha_pattern", "rank_pattern") and value is not None:
+        if not isinstance(value, dict):
+            raise LoraToolsError(f"{where} is a JSON {type(value).__name__}; expected an object of "
+                                 "module pattern -> number", file=path, key=KEY)
+        bad = next((p for p, v in value.items() if not _number(v)), None)
+        if bad is not None:
+            raise LoraToolsError(f"{where}[{bad!r}] is {json.dumps(value[bad])[:40]}; expected a finite number",
+                                 file=path, key=KEY)
+
+
 class PeftAlphas:
-    def __init__(self, metadata: Mapping[str, str] | None):
+    def __init__(self, metadata: Mapping[str, str] | None, path: str | None = None):
         self.configs: dict[str, dict] = {}
         raw = (metadata or {}).get(KEY)
         if not raw:
             return
+        # A header we cannot read would silently give alpha = rank (often 4-16x too strong): refuse it.
         try:
             data = json.loads(raw)
-        except ValueError:
-            return
+        except (ValueError, RecursionError):
+            raise LoraToolsError(f"{KEY} is not valid JSON", file=path, key=KEY) from None
         if not isinstance(data, dict):
-            return
+            raise LoraToolsError(f"{KEY} is a JSON {type(data).__name__}, not an object", file=path, key=KEY)
         for key, value in data.items():
             comp, dot, field = key.rpartition(".")
-            self.configs.setdefault(comp if dot else "", {})[field if dot else key] = value
+            field = field if dot else key
+            _check_field(field, value, path, key)
+            self.configs.setdefault(comp if dot else "", {})[field] = value
 
     def __bool__(self) -> bool:
         return bool(self.configs)

@@ -18,4 +18,4 @@ def block_id(key: str) -> str | None:
     return f"B{int(m[1]):02d}" if m else None
 
 
-FAMILY = transformer_family("qwen_image", "Qwen-Image", "qwen", block_id, ("qwen",))
+FAMILY = transformer_family("qwen_image", "Qwen-Image", "qwen", block_id, ("qwen",), architecture="qwen-image")

@@ -17,6 +17,7 @@ from library.formats.regroup import swap_halves
 from library.formats.types import LoraFile, Module, Target
 from library.safetensors_io import load_tensors
 from networks.base import DoraMagnitude
+from networks.validate import check_module
 
 MAX_LISTED = 20
 
@@ -54,7 +55,7 @@ def lora_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     if not fm.matches:
         raise LoraToolsError(f"no module of this file fits the {fm.family.name} family", file=path or None)
     fmt = format_of(fm, list(tensors))
-    modules = _modules(fm, tensors, PeftAlphas(metadata), path)
+    modules = _modules(fm, tensors, PeftAlphas(metadata, path or None), path)
     notes = split_qkv_alpha(modules, fm.family, metadata, fix_split_qkv_alpha)
     return LoraFile(path, fm.family.name, fmt, modules, metadata, list(fm.unmatched), notes)
 
@@ -132,6 +133,7 @@ def _modules(fm: FileMatch, tensors: Mapping[str, torch.Tensor], alphas: PeftAlp
                 raise LoraToolsError(f"modules {other} and {name} both change {m.slot.key}", file=path or None)
         taken.setdefault(m.slot.key, []).append((span, name))
         t = {suffix: tensors[key] for suffix, key in keys.items()}
+        check_module(t, name, file=path or None, keys=keys)
         if "alpha" in t:
             t["alpha"] = t["alpha"].reshape(())
         elif alphas and "lora_down.weight" in t:

@@ -192,10 +192,6 @@ def fuse(pieces: list[tuple[Range, dict[str, torch.Tensor]]], rows: int, shape: 
     return _fuse_full(full, rows, shape, name)
 
 
-def _zero_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.zeros((rows, *t.shape[1:]), dtype=t.dtype)
-
-
 def _place(pieces, key: str, rows: int, cols: list[slice] | None = None, total_cols: int | None = None,
            dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """Stack each piece's `key` tensor into its row range (and column block when `cols` is given)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from library.formats.family import Family, WriteSpec
+from library.formats.family import Family, MetadataFacts, TextEncoder
 
 PREFIX = "model.diffusion_model."
 
@@ -45,9 +45,9 @@ def make_build(shape_list: str):
         from library.formats.text_encoders import build_clip, build_t5
 
         build_from_diffusers(builder, shapes(shape_list), inverse_rule, key_prefix=PREFIX, native="sai")
-        build_clip(builder, shapes("clip_l"), "te1", "text_encoders.clip_l.transformer.", "clip_l")
-        build_clip(builder, shapes("clip_g"), "te2", "text_encoders.clip_g.transformer.", "clip_g")
-        build_t5(builder, shapes("t5xxl"), "t5", "text_encoders.t5xxl.transformer.")
+        build_clip(builder, shapes("clip_l"), "te1", TE["te1"].key_prefix, "clip_l")
+        build_clip(builder, shapes("clip_g"), "te2", TE["te2"].key_prefix, "clip_g")
+        build_t5(builder, shapes("t5xxl"), "t5", TE["t5"].key_prefix)
     return build
 
 
@@ -59,11 +59,12 @@ def block_id(key: str) -> str | None:
     return f"J{int(m[1]):02d}" if m else None
 
 
-_TE = {"te1": ("lora_te1_", "text_encoder", "clip_l", "clip_l"), "te2": ("lora_te2_", "text_encoder_2", "clip_g", "clip_g"),
-       "t5": ("lora_te3_", "text_encoder_3", "t5xxl", "t5")}
+TE = {"te1": TextEncoder("clip_l", "clip_l", "lora_te1_", "text_encoder", "text_encoders.clip_l.transformer."),
+      "te2": TextEncoder("clip_g", "clip_g", "lora_te2_", "text_encoder_2", "text_encoders.clip_g.transformer."),
+      "t5": TextEncoder("t5xxl", "t5", "lora_te3_", "text_encoder_3", "text_encoders.t5xxl.transformer.")}
 
 
-def make_family(name: str, description: str, hints: tuple[str, ...]) -> Family:
+def make_family(name: str, description: str, hints: tuple[str, ...], metadata: MetadataFacts | None = None) -> Family:
     return Family(
         name=name, description=description,
         namings={"transformer": ("sai", "diffusers"), "te1": ("clip_l",), "te2": ("clip_g",), "t5": ("t5",)},
@@ -75,24 +76,16 @@ def make_family(name: str, description: str, hints: tuple[str, ...]) -> Family:
                        ("text_encoder_3.", "t5"), ("text_encoders.clip_l.transformer.", "te1"),
                        ("text_encoders.clip_g.transformer.", "te2"), ("text_encoders.t5xxl.transformer.", "t5"),
                        ("", "transformer")),
-        write={
-            "kohya": {"transformer": WriteSpec("lora_unet_", "sai", flat=True),
-                      **{c: WriteSpec(k, n, flat=True) for c, (k, _d, _cn, n) in _TE.items()}},
-            "diffusers": {"transformer": WriteSpec("transformer.", "diffusers", peft=True, alpha="metadata",
-                                                   adapter_name="transformer"),
-                          **{c: WriteSpec(d + ".", n, peft=True, alpha="metadata", adapter_name=d)
-                             for c, (_k, d, _cn, n) in _TE.items()}},
-            "ai-toolkit": {"transformer": WriteSpec("transformer.", "diffusers", peft=True, alpha="bake"),
-                           **{c: WriteSpec(d + ".", n, peft=True, alpha="bake") for c, (_k, d, _cn, n) in _TE.items()}},
-            "comfy": {"transformer": WriteSpec("diffusion_model.", "sai"),
-                      **{c: WriteSpec(f"text_encoders.{cn}.transformer.", n) for c, (_k, _d, cn, n) in _TE.items()}},
-        },
+        native="sai", kohya_naming="sai", ai_toolkit="peft-diffusers", text_encoders=TE,
         block_id=block_id, hints=hints, checkpoint_layouts={"diffusers": ("", "diffusers")},
+        metadata=metadata or MetadataFacts(),
     )
 
 
 FAMILIES = {
-    "sd3": (make_family("sd3", "Stable Diffusion 3 medium", ("sd3-medium", "stable-diffusion-3-medium", "sd3_medium")),
+    "sd3": (make_family("sd3", "Stable Diffusion 3 medium", ("sd3-medium", "stable-diffusion-3-medium", "sd3_medium"),
+                        MetadataFacts(architecture="stable-diffusion-3-medium", resolution="1024x1024",
+                                      base_model_version="sd3")),
             make_build("sd3_medium")),
     "sd35_large": (make_family("sd35_large", "Stable Diffusion 3.5 large", ("3.5-large", "sd3.5_large", "sd35_large")),
                    make_build("sd35_large")),

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from library.formats.family import Family, WriteSpec
+from library.formats.family import Family, MetadataFacts
 
 
 def transformer_family(name: str, description: str, native: str, block_id: Callable[[str], str | None],
-                       hints: tuple[str, ...] = (), kohya_naming: str | None = None) -> Family:
-    """`kohya_naming`: the naming musubi-tuner flattens for this model, when it is not the native one."""
+                       hints: tuple[str, ...] = (), kohya_naming: str | None = None,
+                       architecture: str | None = None) -> Family:
+    """`kohya_naming`: the naming musubi-tuner flattens for this model, when it is not the native one;
+    `architecture`: its modelspec.architecture."""
     return Family(
         name=name, description=description,
         namings={"transformer": (native, "diffusers")},
@@ -18,14 +20,8 @@ def transformer_family(name: str, description: str, native: str, block_id: Calla
                        ("model.diffusion_model.", "transformer"), ("diffusion_model.", "transformer"),
                        ("transformer.base_model.model.", "transformer"), ("base_model.model.", "transformer"),
                        ("transformer.", "transformer"), ("", "transformer")),
-        write={
-            # musubi-tuner / sd-scripts flatten the native names
-            "kohya": {"transformer": WriteSpec("lora_unet_", kohya_naming or native, flat=True)},
-            "diffusers": {"transformer": WriteSpec("transformer.", "diffusers", peft=True, alpha="metadata",
-                                                   adapter_name="transformer")},
-            # AI-Toolkit saves newer models with `diffusion_model.` + native names, PEFT tensors, alpha = rank
-            "ai-toolkit": {"transformer": WriteSpec("diffusion_model.", native, peft=True, alpha="bake")},
-            "comfy": {"transformer": WriteSpec("diffusion_model.", native)},
-        },
+        # musubi-tuner / sd-scripts flatten the native names; AI-Toolkit saves `diffusion_model.` + native names
+        native=native, kohya_naming=kohya_naming or native, ai_toolkit="peft-native",
         block_id=block_id, hints=hints, checkpoint_layouts={"diffusers": ("", "diffusers")},
+        metadata=MetadataFacts(architecture=architecture),
     )

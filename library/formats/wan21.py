@@ -37,4 +37,4 @@ def block_id(key: str) -> str | None:
     return f"B{int(m[1]):02d}" if m else None
 
 
-FAMILY = transformer_family("wan21", "Wan 2.1 14B", "wan", block_id, ("wan",))
+FAMILY = transformer_family("wan21", "Wan 2.1 14B", "wan", block_id, ("wan",), architecture="wan-2.1")

@@ -4,7 +4,9 @@ Per canonical weight, the output naming's modules ("slots") receive the input mo
 when the row ranges agree, else after an exact split/fuse (regroup.py). The scale travels as alpha
 where the format can hold it (`.alpha` keys, or `lora_adapter_metadata` for diffusers); AI-Toolkit's
 PEFT files cannot, so there it is baked into the factors with power-of-two moves (exact when the scale
-is a power of two, a rounding of the last bit otherwise).
+is a power of two, a rounding of the last bit otherwise). Which prefix, naming and alpha rule each
+format uses for a family comes from `library.formats.specs` (one module per format). PEFT holds only
+LoRA: LoHa/LoKr modules are written there as their exact LoRA form, or refused (`_as_lora`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from library.formats.peft_alpha import KEY as PEFT_METADATA_KEY
 from library.formats.peft_alpha import adapter_metadata
 from library.formats.registry import FAMILIES
 from library.formats.regroup import fuse, kind_of, rank_of, scale_of, split, swap_halves
+from library.formats.specs import FORMATS as SPEC_FORMATS
 from library.formats.types import LoraFile, Module
 from library.safetensors_io import cast_clamped, save_tensors
+from networks import adapter_from_tensors
 
-WRITE_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
+WRITE_FORMATS = tuple(SPEC_FORMATS)
 FAMILY_KEY = "loratools.family"
 
 
@@ -55,6 +59,8 @@ def lora_tensors(modules: Iterable[Module], family: str, fmt: str, notes: list[s
         if not slots:
             raise LoraToolsError(f"{fmt} naming has no module for this weight", key=key)
         full = table.shapes[key]
+        if spec.peft:
+            mods = [_as_lora(m, fam, fmt, notes) for m in mods]
         placed = place(mods, slots, full, key)
         if notes is not None and (len(placed) != len(mods) or any(t is not m.tensors for (_, _, t), m in zip(placed, mods))):
             notes.append(f"{', '.join(m.source for m in mods)} -> {', '.join(_name(spec, p) for p, _, _ in placed)}"
@@ -72,6 +78,42 @@ def lora_tensors(modules: Iterable[Module], family: str, fmt: str, notes: list[s
         extra[PEFT_METADATA_KEY] = adapter_metadata(peft)
         extra["format"] = "pt"
     return out, extra
+
+
+# Tensors of a module that are neither factors nor alpha: they travel unchanged to the LoRA form.
+_CARRIED = ("dora_scale", "diff_b", "lora_up.bias")
+
+
+def _as_lora(module: Module, fam, fmt: str, notes: list[str] | None) -> Module:
+    """A LoHa/LoKr module as an exact LoRA, for PEFT formats, which have no other adapter types.
+
+    LoHa (A1 B1) ⊙ (A2 B2) and LoKr kron(W1, W2) are exact LoRAs of rank r1·r2 (networks' `exact_factors`).
+    Where that rank makes the factors larger than the weight itself the module is refused instead of
+    being written under names no PEFT loader reads.
+    """
+    kind = kind_of(module.tensors)
+    if kind not in ("loha", "lokr"):
+        return module
+    adapter = adapter_from_tensors(module.tensors, module.source)
+    shape = module.target.shape
+    rows, cols = shape[0], math.prod(shape[1:])
+    rank = adapter.exact_rank
+    label = {"loha": "LoHa", "lokr": "LoKr"}[kind]
+    if rank * (rows + cols) > rows * cols:
+        holders = [f for f, specs in fam.write.items() if module.target.component in specs
+                   and not specs[module.target.component].peft]
+        raise LoraToolsError(f"{fmt} (PEFT) has no {label}, and this module's exact LoRA form would need rank {rank} "
+                             f"on a {rows}x{cols} weight (larger than the weight); formats that hold {label} modules: "
+                             f"{', '.join(holders)}", key=module.source)
+    up, down = adapter.exact_factors()
+    dtype = _product_dtype(t for s, t in module.tensors.items() if s.startswith(("hada_", "lokr_")))
+    tensors = {"lora_down.weight": down.reshape(rank, *shape[1:]).to(dtype),
+               "lora_up.weight": up.reshape(rows, rank, *[1] * (len(shape) - 2)).to(dtype),
+               "alpha": torch.tensor(adapter.scale * rank, dtype=torch.float32)}
+    tensors.update({s: module.tensors[s] for s in _CARRIED if s in module.tensors})
+    if notes is not None:
+        notes.append(f"{module.source}: {label} rank {adapter.rank} -> exact LoRA rank {rank} ({fmt} has no {label})")
+    return Module(module.target, tensors, module.source, module.dora_axis)
 
 
 def _name(spec: WriteSpec, path: str) -> str:
@@ -142,13 +184,24 @@ def _alpha_value(tensors: Mapping[str, torch.Tensor]) -> float:
     return float(rank) if value is None or value == 0 else value
 
 
+def _product_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    """A dtype that holds products of the factors without rounding: float32 for 16-bit ones, else float64."""
+    return torch.float32 if max(t.element_size() for t in tensors) <= 2 else torch.float64
+
+
 def _fold_tucker(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tucker LoCon as plain LoCon (exact): down' [r, in, k, k] = mid ∘ down."""
+    """Tucker LoCon as plain LoCon: down' [r, in, k, k] = mid ∘ down, kept in a dtype wider than the factors'
+    (casting it back to bf16 would round every weight of the module)."""
     out = dict(tensors)
     mid, down = out.pop("lora_mid.weight"), tensors["lora_down.weight"]
-    core = torch.einsum("mnhw,ni->mihw", mid.float(), down.float().reshape(down.shape[0], -1))
-    out["lora_down.weight"] = core.to(down.dtype)
+    dtype = _product_dtype((mid, down))
+    out["lora_down.weight"] = torch.einsum("mnhw,ni->mihw", mid.to(dtype), down.to(dtype).reshape(down.shape[0], -1))
     return out
+
+
+def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """t·factor in at least float32 (float64 stays float64), back in t's dtype."""
+    return (t.to(torch.promote_types(t.dtype, torch.float32)) * factor).to(t.dtype)
 
 
 def _emit(out: dict, name: str, path: str, tensors: dict[str, torch.Tensor], spec: WriteSpec,
@@ -165,14 +218,14 @@ def _emit(out: dict, name: str, path: str, tensors: dict[str, torch.Tensor], spe
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
         if spec.alpha == "bake":
             d, u = bake_factors(scale_of(tensors))
-            down = down if d == 1 else (down.float() * d).to(down.dtype)
-            up = up if u == 1 else (up.float() * u).to(up.dtype)
+            down = down if d == 1 else _scaled(down, d)
+            up = up if u == 1 else _scaled(up, u)
         put(f"{name}.lora_A.weight", down)
         put(f"{name}.lora_B.weight", up)
         if "lora_up.bias" in tensors:
             bias = tensors["lora_up.bias"]
             if spec.alpha == "bake" and scale_of(tensors) != 1:
-                bias = (bias.float() * scale_of(tensors)).to(bias.dtype)
+                bias = _scaled(bias, scale_of(tensors))
             put(f"{name}.lora_B.bias", bias)
         if "diff_b" in tensors:
             put(f"{name}.diff_b", tensors["diff_b"])
@@ -193,10 +246,11 @@ def _emit(out: dict, name: str, path: str, tensors: dict[str, torch.Tensor], spe
         if suffix == "lora_up.bias":
             # kohya/ComfyUI have no LoRA bias; ComfyUI's own conversion makes it a bias delta (diff_b).
             scale = scale_of(tensors)
-            put(f"{name}.diff_b", value if scale == 1 else (value.float() * scale).to(value.dtype))
+            put(f"{name}.diff_b", value if scale == 1 else _scaled(value, scale))
             continue
         put(f"{name}.{suffix}", value)
-    if kind != "full":
+    # A LoKr with both factors full has no rank and ignores alpha: nothing to write when none was stored.
+    if kind != "full" and ("alpha" in tensors or rank_of(tensors) is not None):
         put(f"{name}.alpha", _alpha_tensor_out(tensors))
 
 

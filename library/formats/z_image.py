@@ -35,4 +35,5 @@ def block_id(key: str) -> str | None:
 
 
 # musubi-tuner trains Z-Image on diffusers names (`lora_unet_layers_0_attention_to_q`).
-FAMILY = transformer_family("z_image", "Z-Image", "comfy", block_id, ("z-image", "z_image"), kohya_naming="diffusers")
+FAMILY = transformer_family("z_image", "Z-Image", "comfy", block_id, ("z-image", "z_image"), kohya_naming="diffusers",
+                            architecture="z-image")
