@@ -91,4 +91,10 @@ class LoKrAdapter(Adapter):
         """
         a1, b1 = self._pair("1")
         a2, b2 = self._pair("2")
-        return torch.kron(a1.contiguous(), a2.contiguous()), torch.kron(b1.contiguous(), b2.contiguous())
+        return kron_2d(a1, a2), kron_2d(b1, b2)
+
+
+def kron_2d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """kron of two matrices by broadcasting. Not torch.kron: it views its inputs, and a transposed
+    factor with a size-1 side passes `is_contiguous()` with strides its view cannot take."""
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])

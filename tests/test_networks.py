@@ -210,3 +210,18 @@ def test_loha_and_lokr_exact_low_rank_forms():
     up, down = k.exact_factors()
     assert k.exact_rank == 8 and up.shape == (8, 8) and down.shape == (8, 15)
     assert torch.allclose(up @ down, torch.kron(lokr["lokr_w1"], lokr["lokr_w2"]), rtol=0, atol=1e-12)
+
+
+def test_lokr_tucker_rank_one_exact_factors():
+    """Rank-1 Tucker w2 on a 3×3 conv: its transposed factor has a size-1 side, which torch.kron cannot view."""
+    g = torch.Generator().manual_seed(12)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    lokr = {"lokr_w1": r(4, 4), "lokr_w2_a": r(1, 5), "lokr_w2_b": r(1, 6), "lokr_t2": r(1, 1, 3, 3)}
+    k = adapter_from_tensors(lokr)
+    up, down = k.exact_factors()
+    w2 = torch.einsum("ijkl,io,jq->oqkl", lokr["lokr_t2"], lokr["lokr_w2_a"], lokr["lokr_w2_b"])
+    want = torch.kron(lokr["lokr_w1"], w2.reshape(5, -1))
+    assert torch.allclose(up @ down, want, rtol=0, atol=1e-12)
