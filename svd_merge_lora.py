@@ -179,7 +179,8 @@ def main(args: argparse.Namespace) -> dict:
     save_tensors(save_to, tensors, meta, inputs=args.models, overwrite=args.overwrite, kohya_hashes=True)
     if args.report:
         write_report(args.report, results, {"models": args.models, "ratios": ratios, "mode": settings.mode,
-                                            "family": family, "format": fmt, "save_to": save_to})
+                                            "family": family, "format": fmt, "save_to": save_to},
+                     inputs=args.models, overwrite=args.overwrite, other_outputs={"--save_to": save_to})
     print(f"wrote {save_to}")
     return {"results": results, "summary": stats, "save_to": save_to, "modules": modules}
 
