@@ -247,7 +247,8 @@ class AtomicFile:
         dest = self.destination
         try:
             self.file.flush()
-            os.fchmod(self.file.fileno(), 0o666 & ~current_umask())  # mkstemp made it 0600
+            if hasattr(os, "fchmod"):
+                os.fchmod(self.file.fileno(), 0o666 & ~current_umask())  # mkstemp made it 0600
             os.fsync(self.file.fileno())
             self.file.close()
             with interrupts.deferred():
