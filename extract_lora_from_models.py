@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> dict:
         print(line)
     print(f"saved {len(tensors)} tensors ({naming.describe()}) to {save_to}")
     if args.report:
-        write_report(args.report, report)
+        write_report(args.report, report, inputs=inputs, overwrite=args.overwrite, other_outputs={"--save_to": save_to})
     if args.min_diff and report["summary"]["layers_below_min_diff"]:
         warn("--min_diff is applied to each layer on its own (sd-scripts applied it once to the whole text encoder)")
     return report

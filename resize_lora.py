@@ -19,6 +19,7 @@ import sys
 import torch
 
 from library.cli import add_common_args, prepare_output, progress, resolve_device, run_cli
+from library.destination import write_text
 from library.errors import LoraToolsError
 from library.lowrank import DYNAMIC_METHODS
 from library.resize import ResizeJob, ResizeSettings, is_removed, resize_layers, summarize
@@ -90,8 +91,9 @@ def main(args: argparse.Namespace) -> dict:
                     "removed": len(jobs) - len(kept_jobs), "passed_through": len(passthrough)})
     print_summary(reports, summary, args)
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump({"input": args.model, "output": save_to, "summary": summary, "layers": reports}, f, indent=1)
+        write_text(args.report, json.dumps({"input": args.model, "output": save_to, "summary": summary, "layers": reports},
+                                           indent=1), inputs=[args.model], overwrite=args.overwrite, flag="--report",
+                   other_outputs={"--save_to": save_to})
     return {"summary": summary, "layers": reports}
 
 

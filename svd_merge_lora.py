@@ -150,7 +150,8 @@ def main(args: argparse.Namespace) -> dict:
                minimal=args.no_metadata, overwrite=args.overwrite)
     if args.report:
         write_report(args.report, results, {"models": args.models, "ratios": ratios, "mode": settings.mode,
-                                            "family": family, "format": fmt, "save_to": save_to})
+                                            "family": family, "format": fmt, "save_to": save_to},
+                     inputs=args.models, overwrite=args.overwrite, other_outputs={"--save_to": save_to})
     print(f"wrote {save_to}")
     return {"results": results, "summary": stats, "save_to": save_to, "modules": modules}
 

@@ -1,5 +1,5 @@
 """Flags and behaviour every script shares: device, precision, toml config, verbosity, overwrite,
-dry run, and the mapping of user errors to one line on stderr with exit status 2.
+dry run, checked outputs, and the mapping of user errors to one line on stderr with exit status 2.
 
 Scripts call `add_common_args(parser)` in `setup_parser()` and end with
 `if __name__ == "__main__": run_cli(setup_parser, main)`. Notebooks call `main(args)` directly and
@@ -9,18 +9,121 @@ get a `LoraToolsError` exception instead of an exit.
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import os
+import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import torch
+from library import destination, interrupts
+from library.console import warn  # noqa: F401  (scripts import warn from here)
+from library.destination import Destination
+from library.errors import Interrupted, LoraToolsError
+from library.safetensors_io import PRECISION_CHOICES, parse_dtype
 
-from library.errors import LoraToolsError
-from library.safetensors_io import PRECISION_CHOICES, check_output_path, parse_dtype
+# Side outputs a script may have besides its main one (`args.<dest>` → flag): prepare_output checks them
+# with the main output, before any work, against the inputs and against each other.
+SIDE_OUTPUTS = {"report": "--report"}
 
+
+# ---- argparse types that refuse nonsense in one line -------------------------------------------------------
+
+def finite_float(text: str) -> float:
+    """A float that is neither NaN nor ±inf (a NaN ratio would silently poison every tensor)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"value {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"value {text!r} is not a finite number")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"value {text!r} is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"value {text!r} must be a positive integer (1 or more)")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"value {text!r} must be an integer of 0 or more")
+    return value
+
+
+def density(text: str) -> float:
+    """A fraction of entries to keep: in (0, 1]."""
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"value {text!r} must be in (0, 1]: the fraction of entries kept")
+    return value
+
+
+# ---- one-line argparse errors ----------------------------------------------------------------------------
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number"}
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make the parser's errors one line naming the flag, the value and what is allowed, instead of argparse's
+    usage block (8-23 lines that bury the one that matters). Idempotent."""
+    parser.error = types.MethodType(_one_line_error, parser)  # an instance attribute wins over the method
+    return parser
+
+
+def _one_line_error(parser: argparse.ArgumentParser, message: str):
+    parser.exit(2, f"{parser.prog}: error: {_rephrase(parser, message)}\n")
+
+
+def _rephrase(parser: argparse.ArgumentParser, message: str) -> str:
+    message = " ".join(message.split())
+    argument = re.fullmatch(r"argument (?P<names>[^:]+): (?P<rest>.*)", message)
+    if argument:
+        names, rest = argument["names"], argument["rest"]
+        flag = names.split("/")[-1]  # "-v/--verbose" → the long form
+        action = next((a for a in parser._actions if "/".join(a.option_strings) == names
+                       or (not a.option_strings and (a.metavar or a.dest) == names)), None)
+        choice = re.match(r"invalid choice: (?P<value>.*?) \(choose from", rest)
+        if choice and action is not None and action.choices is not None:
+            allowed = ", ".join(str(c) for c in action.choices)
+            return f"{flag}: value {choice['value']} is not allowed; use one of {allowed}"
+        typed = re.fullmatch(r"invalid (?P<type>\w+) value: (?P<value>.*)", rest)
+        if typed:
+            word = _TYPE_WORDS.get(typed["type"], f"a valid {typed['type']}")
+            return f"{flag}: value {typed['value']} is not {word}"
+        if rest.startswith("expected"):
+            return f"{flag}: {rest.replace('argument', 'value')}"
+        return f"{flag}: {rest.replace('argument ', '')}"
+    required = re.fullmatch(r"the following arguments are required: (?P<names>.*)", message)
+    if required:
+        return f"{required['names']}: required but not given (see --help)"
+    unknown = re.fullmatch(r"unrecognized arguments: (?P<args>.*)", message)
+    if unknown:
+        options = [s for a in parser._actions for s in a.option_strings]
+        hints = []
+        for arg in unknown["args"].split():
+            close = difflib.get_close_matches(arg.split("=")[0], options, n=1) if arg.startswith("-") else []
+            hints.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+        return f"unknown argument(s): {', '.join(hints)}"
+    return message
+
+
+# ---- shared flags, config, parsing -------------------------------------------------------------------------
 
 def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, device: bool = True,
                     precision: bool = True, save_default: str = "that of the input") -> argparse.ArgumentParser:
+    one_line_errors(parser)
     group = parser.add_argument_group("common options")
     if device:
         group.add_argument("--device", default="auto",
@@ -42,6 +145,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, dev
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags, taking defaults from `--config_file` when one is given, so the command line wins."""
+    one_line_errors(parser)
     known, _ = parser.parse_known_args(argv)
     config_path = getattr(known, "config_file", None)
     if config_path:
@@ -66,15 +170,35 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
             flat.update(value)
         else:
             flat[key] = value
-    known = {action.dest for action in parser._actions}
+    actions = {action.dest: action for action in parser._actions}
     for key in flat:
-        if key not in known:
+        if key not in actions:
             raise LoraToolsError(f"unknown option {key!r} in config file", file=path, key=key)
+        flat[key] = _config_value(actions[key], flat[key], path, key)
     return flat
 
 
-def resolve_device(name: str | None) -> torch.device:
+def _config_value(action: argparse.Action, value, path: str, key: str):
+    """A toml value checked as the command line would check it: argparse applies neither `type` nor
+    `choices` to non-string defaults, so `ratio = nan` or `mode = "bogus"` would pass unseen."""
+    def one(item):
+        if action.type is not None and not isinstance(item, (dict, bool)):
+            try:
+                item = action.type(item if isinstance(item, str) else str(item))
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+                raise LoraToolsError(str(exc) or f"invalid value {item!r}", file=path, key=key) from None
+        if action.choices is not None and item not in action.choices:
+            allowed = ", ".join(str(c) for c in action.choices)
+            raise LoraToolsError(f"value {item!r} is not allowed; use one of {allowed}", file=path, key=key)
+        return item
+
+    return [one(item) for item in value] if isinstance(value, list) else one(value)
+
+
+def resolve_device(name: str | None):
     """`auto` → CUDA when available (asked through accelerate), else CPU; `cuda[:N]` must exist."""
+    import torch
+
     name = (name or "auto").lower()
     if name == "cpu":
         return torch.device("cpu")
@@ -92,22 +216,46 @@ def resolve_device(name: str | None) -> torch.device:
     raise LoraToolsError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
 
 
-def compute_dtype(args: argparse.Namespace) -> torch.dtype:
+def compute_dtype(args: argparse.Namespace):
+    import torch
+
     dtype = parse_dtype(getattr(args, "precision", None) or "float")
     if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise LoraToolsError("--precision cannot be fp8: fp8 is a storage type; use it with --save_precision")
     return dtype
 
 
+# ---- outputs ---------------------------------------------------------------------------------------------
+
 def prepare_output(path: str | None, inputs: Iterable[str], args: argparse.Namespace, flag: str = "--save_to") -> str | None:
-    """Check the output path before any long work starts, so a bad path fails in a second, not an hour."""
+    """Check the output path, and the side outputs in SIDE_OUTPUTS (--report, ...), before any long work starts,
+    so a bad path fails in a second, not after an hour. Returns the absolute output path (None in a dry run
+    without one)."""
+    inputs = list(inputs)
+    overwrite = getattr(args, "overwrite", False)
+    checked = None
     if path is None:
-        if getattr(args, "dry_run", False):
-            return None
-        raise LoraToolsError(f"{flag} is required")
-    if not path.endswith(".safetensors"):
-        raise LoraToolsError(f"{flag} must end in .safetensors (we only write safetensors)", file=path)
-    return check_output_path(path, inputs, getattr(args, "overwrite", False))
+        if not getattr(args, "dry_run", False):
+            raise LoraToolsError(f"{flag} is required")
+    else:
+        if not path.endswith(".safetensors"):
+            raise LoraToolsError(f"{flag} must end in .safetensors (we only write safetensors)", file=path)
+        checked = Destination(path, inputs, overwrite, flag=flag).check()
+    side_outputs(args, inputs, {flag: path})
+    return checked
+
+
+def side_outputs(args: argparse.Namespace, inputs: Iterable[str], outputs: Mapping[str, str | None]) -> dict[str, Destination]:
+    """The run's side outputs (SIDE_OUTPUTS present on `args`) as checked Destinations, keyed by flag; each
+    must differ from every input, from `outputs` (flag → path) and from each other."""
+    inputs = list(inputs)
+    given = {flag: getattr(args, dest) for dest, flag in SIDE_OUTPUTS.items() if getattr(args, dest, None)}
+    found = {}
+    for flag, path in given.items():
+        others = {**outputs, **{f: p for f, p in given.items() if f != flag}}
+        found[flag] = Destination(path, inputs, getattr(args, "overwrite", False), flag=flag, other_outputs=others)
+        found[flag].check()
+    return found
 
 
 def check_counts(values: Sequence | None, models: Sequence, flag: str) -> None:
@@ -123,26 +271,31 @@ def progress(iterable, *, desc: str, total: int | None = None, enabled: bool = T
                 leave=False)
 
 
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def run_cli(setup_parser: Callable[[], argparse.ArgumentParser], main: Callable[[argparse.Namespace], object],
             argv: Sequence[str] | None = None) -> int:
-    """Parse, run, and turn user errors into one line on stderr with exit status 2."""
-    parser = setup_parser()
+    """Parse, run, and turn user errors into one line on stderr with exit status 2.
+
+    SIGTERM and SIGHUP unwind like Ctrl-C (temporary files are removed) and end the run with one line and
+    status 128 + the signal number; Ctrl-C gives 130.
+    """
+    parser = one_line_errors(setup_parser())
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    try:
-        args = parse_args(parser, argv)
-        debug = debug or getattr(args, "debug", False)
-        main(args)
-    except LoraToolsError as exc:
-        if debug:
-            raise
-        prog = os.path.basename(sys.argv[0]) if argv is None else parser.prog
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
-        sys.exit(130)
+    prog = os.path.basename(sys.argv[0]) if argv is None else parser.prog
+    mark = destination.committed_count()
+    with interrupts.signals_as_exceptions():
+        try:
+            args = parse_args(parser, argv)
+            debug = debug or getattr(args, "debug", False)
+            main(args)
+        except LoraToolsError as exc:
+            if debug:
+                raise
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt as exc:
+            what = f"terminated by {exc.name}" if isinstance(exc, Interrupted) else "interrupted"
+            written = destination.committed_since(mark)
+            done = f"only {', '.join(written)} was written" if written else "no output was written"
+            print(f"{prog}: {what}; {done}, no temporary file left", file=sys.stderr)
+            sys.exit(exc.exit_status if isinstance(exc, Interrupted) else 130)
     return 0

@@ -1,12 +1,14 @@
-"""The one exception type for problems the user can fix (bad input, bad flags).
+"""The one exception type for problems the user can fix (bad input, bad flags), and the one for signals.
 
-Scripts print it as a single line on stderr and exit with status 2; anything else is a bug
-and keeps its traceback.
+Scripts print a LoraToolsError as a single line on stderr and exit with status 2; anything else is a
+bug and keeps its traceback. `Interrupted` is what SIGTERM/SIGHUP become inside a script (SIGINT is
+Python's own KeyboardInterrupt), so that the same unwinding removes temporary files.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 
 class LoraToolsError(Exception):
@@ -27,3 +29,20 @@ class LoraToolsError(Exception):
 
 class AmbiguousFamilyError(LoraToolsError):
     """The keys fit several model families equally well: a caller may retry with a family it knows."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal turned into an exception. A KeyboardInterrupt subclass on purpose: code that
+    cleans up on Ctrl-C cleans up on SIGTERM too, and `except Exception` never swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # the shell's convention for "killed by signal N"

@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Sequence
 
+from library.destination import write_text
 from library.extract import LayerResult
 
 
@@ -102,6 +103,6 @@ def format_summary(report: dict) -> list[str]:
     return lines
 
 
-def write_report(path: str, report: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, default=str)
+def write_report(path: str, report: dict, **where) -> None:
+    """`where`: inputs, overwrite and other_outputs for the destination checks (library.destination)."""
+    write_text(path, json.dumps(report, indent=1, default=str), flag="--report", **where)

@@ -1,32 +1,40 @@
 """Reading and writing tensor files safely and without holding whole models in memory.
 
-Reading: the safetensors header is validated by us before safetensors' own lazy `safe_open`
-touches the file, so a broken file gets an error that names the file and the problem instead of
-a Rust panic message. Pickled checkpoints are only ever loaded with `weights_only=True`.
+Reading: the safetensors header is validated by us (with bounded work) before safetensors' own lazy
+`safe_open` touches the file, so a broken file gets an error that names the file and the problem
+instead of a Rust panic message. The container is decided by that parse, not by the name or the
+first bytes; pickled checkpoints are only ever loaded with `weights_only=True`.
 
 Writing: the header is computed from the planned tensors, the file is pre-sized, each tensor is
 written at its offset as soon as it is ready (so peak memory is one tensor, not the model), and
-the temporary file is fsynced and renamed over the destination only when every tensor is there.
+the temporary file becomes the destination only when every tensor is there (`library.destination`:
+input checks, free space, fsync, umask, no-replace rename, cleanup on errors and signals).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import re
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from library.destination import DISK_ERRNOS, AtomicFile, Destination
 from library.errors import LoraToolsError
 
 # safetensors' own limit for the JSON header; anything bigger is corruption, not metadata.
 MAX_HEADER_BYTES = 100_000_000
+# The largest real files (full SDXL/Flux checkpoints, LyCORIS on every layer) hold a few thousand tensors;
+# a header listing more than this is corrupt or hostile, and is refused right after the JSON parse.
+MAX_HEADER_TENSORS = 100_000
+MAX_DIMS = 64
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -100,11 +108,18 @@ class Header:
 
 
 def read_header(path: str | os.PathLike) -> Header:
-    """Read and validate a safetensors header; raise LoraToolsError naming the file on any defect."""
+    """Read and validate a safetensors header; raise LoraToolsError naming the file on any defect.
+
+    The work is bounded: at most MAX_HEADER_BYTES are read, at most MAX_HEADER_TENSORS entries are
+    accepted, shapes have at most MAX_DIMS dimensions, and every check is O(n log n) in the entries.
+    """
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
+            if size == 0:
+                raise LoraToolsError("file is empty (0 bytes), so it holds no tensors: an interrupted download "
+                                     "or copy?", file=path)
             head = f.read(8)
             if len(head) < 8:
                 raise LoraToolsError("not a safetensors file: shorter than the 8-byte header length", file=path)
@@ -117,29 +132,49 @@ def read_header(path: str | os.PathLike) -> Header:
                 raise LoraToolsError(
                     f"truncated or not a safetensors file: header length {header_len} runs past the end "
                     f"of the {size}-byte file", file=path)
-            raw = f.read(header_len)
+            # A JSON object starts with "{": look before reading (up to 100 MB of) something else.
+            start = f.read(min(header_len, 64))
+            if start.lstrip(b" \t\r\n")[:1] not in (b"{", b""):
+                raise LoraToolsError("not a safetensors file or corrupt: header is not valid JSON (it does not "
+                                     "start with '{')", file=path)
+            raw = start + f.read(header_len - len(start))
     except FileNotFoundError:
         raise LoraToolsError("no such file", file=path) from None
     except IsADirectoryError:
         raise LoraToolsError("is a directory, expected a file", file=path) from None
     except PermissionError:
         raise LoraToolsError("permission denied", file=path) from None
+    # Parsing costs about a microsecond per JSON member, so count first (C-speed scans of the bytes): each
+    # tensor has exactly one "data_offsets", and every member of any object needs a ':'.
+    tensors_seen = raw.count(b'"data_offsets"')
+    if tensors_seen > MAX_HEADER_TENSORS:
+        raise LoraToolsError(_too_many(tensors_seen), file=path)
+    if raw.count(b":") > 10 * MAX_HEADER_TENSORS:
+        raise LoraToolsError(f"corrupt or hostile safetensors header: over {10 * MAX_HEADER_TENSORS:,} JSON members",
+                             file=path)
     try:
         parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise LoraToolsError("not a safetensors file or corrupt: header JSON is nested too deeply", file=path) from None
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSON syntax, or an integer of 4300+ digits
         raise LoraToolsError(f"not a safetensors file or corrupt: header is not valid JSON ({exc})", file=path) from None
     if not isinstance(parsed, dict):
         raise LoraToolsError("corrupt safetensors header: expected a JSON object", file=path)
-    data_start = 8 + header_len
-    data_size = size - data_start
     metadata = parsed.pop("__metadata__", None) or {}
+    if len(parsed) > MAX_HEADER_TENSORS:
+        raise LoraToolsError(_too_many(len(parsed)), file=path)
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise LoraToolsError("corrupt safetensors header: __metadata__ must map strings to strings", file=path)
-    tensors: dict[str, TensorInfo] = {}
-    for key, entry in parsed.items():
-        tensors[key] = _validate_entry(path, key, entry, data_size)
-    _check_no_overlap(path, tensors, data_size)
+    data_start = 8 + header_len
+    data_size = size - data_start
+    tensors = {key: _validate_entry(path, key, entry, data_size) for key, entry in parsed.items()}
+    _check_layout(path, tensors, data_size)
     return Header(tensors=tensors, metadata=dict(metadata), data_start=data_start, file_size=size)
+
+
+def _too_many(count: int) -> str:
+    return (f"corrupt or hostile safetensors header: it lists {count:,} tensors, over the {MAX_HEADER_TENSORS:,} "
+            "we accept (real models have a few thousand)")
 
 
 def _validate_entry(path: str, key: str, entry: object, data_size: int) -> TensorInfo:
@@ -149,17 +184,18 @@ def _validate_entry(path: str, key: str, entry: object, data_size: int) -> Tenso
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise LoraToolsError(f"unknown dtype {dtype!r}", file=path, key=key)
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise LoraToolsError(f"invalid shape {shape!r}", file=path, key=key)
+        raise LoraToolsError(f"unknown dtype {_short(dtype)}", file=path, key=key)
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(type(d) is int and 0 <= d < 2**63 for d in shape)):
+        raise LoraToolsError(f"invalid shape {_short(shape)}", file=path, key=key)
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets)):
-        raise LoraToolsError(f"invalid data_offsets {offsets!r}", file=path, key=key)
+        raise LoraToolsError(f"invalid data_offsets {_short(offsets)}", file=path, key=key)
     begin, end = offsets
     if begin > end or end > data_size:
         raise LoraToolsError(
             f"data_offsets {offsets} lie outside the {data_size}-byte data section (truncated file?)", file=path, key=key)
-    expected = math.prod(shape) * _itemsize(DTYPES[dtype])
+    expected = math.prod(shape) * _ITEMSIZE[dtype]
     if end - begin != expected:
         raise LoraToolsError(
             f"data_offsets span {end - begin} bytes but dtype {dtype} and shape {shape} need {expected}",
@@ -167,26 +203,53 @@ def _validate_entry(path: str, key: str, entry: object, data_size: int) -> Tenso
     return TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
 
-def _check_no_overlap(path: str, tensors: Mapping[str, TensorInfo], data_size: int) -> None:
-    spans = sorted((info.begin, info.end, key) for key, info in tensors.items() if info.end > info.begin)
-    for (_, prev_end, prev_key), (begin, _, key) in zip(spans, spans[1:]):
-        if begin < prev_end:
-            raise LoraToolsError(f"tensor data overlaps that of {prev_key!r}", file=path, key=key)
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_layout(path: str, tensors: Mapping[str, TensorInfo], data_size: int) -> None:
+    """The data section is exactly the tensors, back to back: no overlap, no gap, nothing after (as
+    safetensors itself requires); one sort, so O(n log n)."""
+    spans = sorted((info.begin, info.end, key) for key, info in tensors.items())
+    covered, last_key = 0, None
+    for begin, end, key in spans:
+        if begin < covered:
+            raise LoraToolsError(f"tensor data overlaps that of {last_key!r}", file=path, key=key)
+        if begin > covered:
+            raise LoraToolsError(f"{begin - covered} unused bytes before this tensor's data (corrupt file)",
+                                 file=path, key=key)
+        covered, last_key = end, key
+    if covered != data_size:
+        raise LoraToolsError(f"{data_size - covered} bytes after the last tensor's data (corrupt file or not "
+                             "safetensors)", file=path)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _is_zip_or_pickle(path: str) -> bool:
+_ITEMSIZE = {name: _itemsize(dtype) for name, dtype in DTYPES.items()}
+
+
+def _pickle_kind(path: str) -> str | None:
+    """'zip' (torch.save since 1.6), 'pickle' (legacy torch.save, protocol 2-5) or None, from the first bytes."""
     with open(path, "rb") as f:
         magic = f.read(2)
-    # zip archives (torch.save since 1.6) start with "PK"; legacy pickles with protocol byte 0x80.
-    return magic == b"PK" or magic[:1] == b"\x80"
+    if magic == b"PK":
+        return "zip"
+    if magic[:1] == b"\x80" and magic[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    return None
 
 
 class LazyReader:
-    """Read tensors one at a time from a safetensors file (or a pickled checkpoint, loaded safely)."""
+    """Read tensors one at a time from a safetensors file (or a pickled checkpoint, loaded safely).
+
+    The container is decided by content, never by the name: a file whose safetensors header validates
+    is safetensors, whatever its first bytes; only a file that is not, and that starts like a zip or a
+    pickle, is loaded as a pickle, with `weights_only=True`.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -196,11 +259,18 @@ class LazyReader:
             raise LoraToolsError("no such file", file=self.path)
         if os.path.isdir(self.path):
             raise LoraToolsError("is a directory, expected a file", file=self.path)
-        if Path(self.path).suffix.lower() in PICKLE_SUFFIXES or _is_zip_or_pickle(self.path):
-            self._state, self.metadata = _load_pickled(self.path), {}
-            self.header = None
+        try:
+            self.header = read_header(self.path)
+        except LoraToolsError as not_safetensors:
+            if os.path.getsize(self.path) == 0:
+                raise
+            if _pickle_kind(self.path) is None:
+                if Path(self.path).suffix.lower() in PICKLE_SUFFIXES:
+                    raise LoraToolsError("neither a pickled checkpoint (it starts with no zip or pickle signature) "
+                                         f"nor a safetensors file ({not_safetensors.message})", file=self.path) from None
+                raise
+            self._state, self.metadata, self.header = _load_pickled(self.path), {}, None
             return
-        self.header = read_header(self.path)
         self.metadata = self.header.metadata
         from safetensors import safe_open
 
@@ -248,13 +318,6 @@ class LazyReader:
             return self._tensor_from_state(key).dtype
         return DTYPES[self._info(key).dtype]
 
-    def nbytes(self, key: str) -> int:
-        if self._state is not None:
-            t = self._tensor_from_state(key)
-            return t.numel() * t.element_size()
-        info = self._info(key)
-        return info.end - info.begin
-
     def _tensor_from_state(self, key: str) -> torch.Tensor:
         try:
             return self._state[key]
@@ -280,25 +343,43 @@ class LazyReader:
             return f.read(info.end - info.begin)
 
 
+_NOT_PLAIN_TENSORS = ("holds Python objects other than tensors{found}; loratools only loads plain-tensor "
+                      "checkpoints and never runs code from a file: convert it to safetensors with a tool you trust")
+
+
 def _load_pickled(path: str) -> dict[str, torch.Tensor]:
     """Load a .ckpt/.pt/.bin with weights_only=True, so no code in the file can run."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # mmap needs the zip format; legacy pickles fall back to a plain (still weights_only) load.
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise LoraToolsError(f"refused or unreadable pickled checkpoint (loaded with weights_only=True): {exc}",
-                                 file=path) from None
+        if path.endswith(".safetensors"):
+            # torch.load hands a path with this name to safetensors; the content said pickle, so give it a file.
+            with open(path, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "weights only" in str(exc).lower():
+                    raise
+                # mmap needs the zip format; legacy pickles fall back to a plain (still weights_only) load.
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise LoraToolsError(f"refused or unreadable pickled checkpoint (loaded with weights_only=True): {exc}",
-                             file=path) from None
+        raise LoraToolsError(_pickle_failure(exc), file=path) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise LoraToolsError("pickled file holds no state dict", file=path)
+        raise LoraToolsError(f"pickled file holds a {type(obj).__name__}, not a dict of tensors", file=path)
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _pickle_failure(exc: Exception) -> str:
+    """Why a pickle did not load, in our words: torch's refusal text recommends weights_only=False, which
+    would run the file's code, so it is never passed on."""
+    text = str(exc)
+    if "weights only" in text.lower() or "weights_only" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)  # the class or function the file wanted to load
+        return _NOT_PLAIN_TENSORS.format(found=f" ({found.group(1)})" if found else "")
+    reason = " ".join(text.split())[:200] or type(exc).__name__
+    return f"unreadable pickled checkpoint: {reason}"
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -314,23 +395,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> str:
-    """Refuse to write over an input, or over an existing file unless `overwrite` is given."""
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise LoraToolsError("output folder does not exist", file=path)
-    if os.path.isdir(path):
-        raise LoraToolsError("output path is a directory", file=path)
-    for source in inputs:
-        source = os.path.abspath(os.fspath(source))
-        same = os.path.realpath(source) == os.path.realpath(path)
-        if not same and os.path.exists(path) and os.path.exists(source):
-            same = os.path.samefile(source, path)
-        if same:
-            raise LoraToolsError("output path is one of the inputs; refusing to overwrite an input", file=path)
-    if os.path.exists(path) and not overwrite:
-        raise LoraToolsError("output exists; pass --overwrite to replace it", file=path)
-    return path
+    """Refuse to write over an input, or over an existing file unless `overwrite` (see `Destination.check`)."""
+    return Destination(path, inputs, overwrite).check()
 
 
 # Fixed-width placeholders let the header be written before the data whose hash it records.
@@ -345,13 +411,15 @@ class StreamingWriter:
     `specs` fixes every key's dtype and shape up front, so the header and all offsets are known
     before any data exists; tensors may then be written in any order. With `kohya_hashes=True`
     the sd-scripts hashes (`sshs_model_hash`, `sshs_legacy_hash`) are computed from the bytes
-    actually written and patched into the header.
+    actually written and patched into the header. `path` may be a `Destination` (then `inputs` and
+    `overwrite` come from it). Disk errors become one-line LoraToolsErrors and leave nothing behind.
     """
 
-    def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    def __init__(self, path: str | os.PathLike | Destination, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
                  metadata: Mapping[str, str] | None = None, *, inputs: Iterable[str | os.PathLike] = (),
                  overwrite: bool = False, kohya_hashes: bool = False):
-        self.path = check_output_path(path, inputs, overwrite)
+        self.destination = path if isinstance(path, Destination) else Destination(path, inputs, overwrite)
+        self.path = self.destination.check()
         self.kohya_hashes = kohya_hashes
         metadata = dict(metadata or {})
         if kohya_hashes:
@@ -369,8 +437,13 @@ class StreamingWriter:
         self._data_size = offset
         self._header_bytes = self._encode_header(self._metadata)
         self._written: set[str] = set()
+        self._out: AtomicFile | None = None
         self._file = None
-        self._tmp = None
+
+    @property
+    def size(self) -> int:
+        """Bytes of the finished file."""
+        return len(self._header_bytes) + self._data_size
 
     def _encode_header(self, metadata: Mapping[str, str]) -> bytes:
         header: dict[str, object] = {}
@@ -382,12 +455,28 @@ class StreamingWriter:
         raw += b" " * (-len(raw) % 8)  # data section aligned to 8 bytes, as safetensors does
         return struct.pack("<Q", len(raw)) + raw
 
+    @contextlib.contextmanager
+    def _disk(self):
+        """A full disk, a size limit or a read-only folder while writing: remove the temp, say it in one line."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            if self._out is not None:
+                self._out.discard()
+            raise self.destination.os_error(exc, self.size) from None
+
     def __enter__(self) -> StreamingWriter:
-        folder = os.path.dirname(self.path)
-        fd, self._tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(self.path) + "-", dir=folder)
-        self._file = os.fdopen(fd, "w+b")
-        self._file.write(self._header_bytes)
-        self._file.truncate(len(self._header_bytes) + self._data_size)
+        self._out = AtomicFile(self.destination, size=self.size)
+        self._file = self._out.open()
+        try:
+            with self._disk():
+                self._file.write(self._header_bytes)
+                self._file.truncate(self.size)
+        except BaseException:  # __exit__ does not run when __enter__ fails (a signal, a size limit)
+            self._out.discard()
+            raise
         return self
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -411,9 +500,9 @@ class StreamingWriter:
         info = self._entry(key)
         size = info.end - info.begin
         dest = len(self._header_bytes) + info.begin
-        self._file.flush()  # buffered bytes must land before the kernel writes beside them
-        done = 0
-        with open(path, "rb") as src:
+        with open(path, "rb") as src, self._disk():
+            self._file.flush()  # buffered bytes must land before the kernel writes beside them
+            done = 0
             if hasattr(os, "copy_file_range"):
                 try:
                     while done < size:
@@ -421,8 +510,10 @@ class StreamingWriter:
                         if n == 0:
                             break
                         done += n
-                except OSError:
-                    pass  # e.g. EXDEV on old kernels, or a filesystem without support: copy by hand
+                except OSError as exc:
+                    if exc.errno in DISK_ERRNOS:
+                        raise
+                    # e.g. EXDEV on old kernels, or a filesystem without support: copy by hand
             src.seek(offset + done)
             self._file.seek(dest + done)
             while done < size:
@@ -444,29 +535,26 @@ class StreamingWriter:
     def _write_bytes(self, key: str, info: TensorInfo, data: bytes | memoryview) -> None:
         if len(data) != info.end - info.begin:
             raise ValueError(f"{key}: expected {info.end - info.begin} bytes, got {len(data)}")
-        self._file.seek(len(self._header_bytes) + info.begin)
-        self._file.write(data)
+        with self._disk():
+            self._file.seek(len(self._header_bytes) + info.begin)
+            self._file.write(data)
         self._written.add(key)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._out.discard()
+            return
         try:
-            if exc_type is None:
-                missing = [k for k in self._entries if k not in self._written]
-                if missing:
-                    raise ValueError(f"{len(missing)} planned tensors were never written, e.g. {missing[:3]}")
-                if self.kohya_hashes:
+            missing = [k for k in self._entries if k not in self._written]
+            if missing:
+                raise ValueError(f"{len(missing)} planned tensors were never written, e.g. {missing[:3]}")
+            if self.kohya_hashes:
+                with self._disk():
                     self._patch_hashes()
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
-                os.replace(self._tmp, self.path)
-                self._tmp = None
-                _fsync_folder(os.path.dirname(self.path))
-        finally:
-            if self._file is not None and not self._file.closed:
-                self._file.close()
-            if self._tmp is not None and os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+        except BaseException:
+            self._out.discard()
+            raise
+        self._out.commit()
 
     def _patch_hashes(self) -> None:
         start = len(self._header_bytes)
@@ -512,27 +600,9 @@ def kohya_hashes_of_file(path: str | os.PathLike) -> tuple[str, str]:
     return model, legacy
 
 
-def sha256_of_file(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return _sha256_of_range(f, 0, os.path.getsize(path))
-
-
-def _fsync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename itself is still atomic
-    finally:
-        os.close(fd)
-
-
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                 *, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False, dtype: torch.dtype | None = None,
-                 kohya_hashes: bool = False) -> str:
+def save_tensors(path: str | os.PathLike | Destination, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None, *, inputs: Iterable[str | os.PathLike] = (),
+                 overwrite: bool = False, dtype: torch.dtype | None = None, kohya_hashes: bool = False) -> str:
     """Write a whole dict of tensors (e.g. a LoRA) atomically; `dtype` casts floating tensors, clamped."""
     def target_dtype(t: torch.Tensor) -> torch.dtype:
         return dtype if (dtype is not None and t.is_floating_point()) else t.dtype
@@ -562,8 +632,15 @@ class ShardedReader:
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
+        except RecursionError:
+            raise LoraToolsError("invalid shard index: JSON nested too deeply", file=index_path) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LoraToolsError(f"invalid shard index: {exc}", file=index_path) from None
+        for key, shard in weight_map.items():
+            # A shard is a file beside the index: a path ("../x", "/etc/y") would read outside the checkpoint.
+            if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise LoraToolsError(f"invalid shard index: shard name {_short(shard)} is not a file name in "
+                                     "the index's folder", file=index_path, key=key)
         self.weight_map: dict[str, str] = dict(weight_map)
         self.index_metadata = index.get("metadata", {})
         self.readers: dict[str, LazyReader] = {}
@@ -607,9 +684,6 @@ class ShardedReader:
 
     def dtype(self, key: str) -> torch.dtype:
         return self._reader(key).dtype(key)
-
-    def nbytes(self, key: str) -> int:
-        return self._reader(key).nbytes(key)
 
     def get(self, key: str) -> torch.Tensor:
         return self._reader(key).get(key)

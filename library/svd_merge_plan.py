@@ -14,6 +14,7 @@ import statistics
 
 import torch
 
+from library.destination import write_text
 from library.errors import LoraToolsError
 from library.formats.types import Module
 from library.lora_combine import Group, Term, _padded
@@ -126,10 +127,11 @@ def layer_line(report: dict) -> str:
             f"[{report['route']}]")
 
 
-def write_report(path: str, results: dict[str, LayerResult], extra: dict) -> None:
+def write_report(path: str, results: dict[str, LayerResult], extra: dict, **where) -> None:
+    """`where`: inputs, overwrite and other_outputs for the destination checks (library.destination)."""
     def clean(value):
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
     layers = [{k: clean(v) for k, v in r.report.items()} for r in results.values()]
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({**extra, "summary": summary(results), "layers": layers}, f, indent=1, default=str)
+    write_text(path, json.dumps({**extra, "summary": summary(results), "layers": layers}, indent=1, default=str),
+               flag="--report", **where)

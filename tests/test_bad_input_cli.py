@@ -88,3 +88,44 @@ def test_nan_in_input_is_named(tmp_path):
     out = tmp_path / "out.safetensors"
     proc = run("convert_lora.py", str(path), str(out), "--to", "diffusers", "--family", "sdxl")
     assert "NaN" in proc.stderr and MODULE in proc.stderr
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_shard_of_sharded_input_is_never_replaced(tmp_path):
+    """--save_to equal to one shard of a sharded --sd_model (folder or index), even with --overwrite."""
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, str(folder / "m-00001-of-00002.safetensors"))
+    save_file({"model.diffusion_model.out.0.bias": torch.zeros(4)}, str(folder / "m-00002-of-00002.safetensors"))
+    index = {"weight_map": {"model.diffusion_model.out.2.bias": "m-00001-of-00002.safetensors",
+                            "model.diffusion_model.out.0.bias": "m-00002-of-00002.safetensors"}}
+    (folder / "m.safetensors.index.json").write_text(json.dumps(index))
+    lora = good_lora(tmp_path / "lora.safetensors")
+    before = {p: _sha(p) for p in [*folder.iterdir(), Path(lora)]}
+    shard = str(folder / "m-00002-of-00002.safetensors")
+    for sd_model in (str(folder), str(folder / "m.safetensors.index.json")):
+        proc = run("merge_lora.py", "--sd_model", sd_model, "--models", lora, "--save_to", shard, "--overwrite",
+                   "--device", "cpu")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "one of the inputs" in lines[0] and shard in lines[0]
+    assert {p: _sha(p) for p in before} == before
+    assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--to", "kohyaa"], "--to: value 'kohyaa' is not allowed; use one of "),
+    (["--to", "kohya", "--family", "sd9"], "--family: value 'sd9' is not allowed; use one of "),
+    ([], "--to: required but not given"),
+])
+def test_bad_flags_are_one_line(tmp_path, argv, needle):
+    src = good_lora(tmp_path / "lora.safetensors")
+    proc = run("convert_lora.py", src, str(tmp_path / "o.safetensors"), *argv)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("convert_lora.py: error: ")
+    assert needle in lines[0], lines[0]
+    assert os.listdir(tmp_path) == ["lora.safetensors"]

@@ -1,12 +1,25 @@
 """Shared CLI behaviour: toml config with command-line precedence, device choice, error exit codes."""
 
 import argparse
+import signal
 
 import pytest
 import torch
 
-from library.cli import add_common_args, check_counts, compute_dtype, parse_args, prepare_output, resolve_device, run_cli
-from library.errors import LoraToolsError
+from library.cli import (
+    add_common_args,
+    check_counts,
+    compute_dtype,
+    density,
+    finite_float,
+    nonnegative_int,
+    parse_args,
+    positive_int,
+    prepare_output,
+    resolve_device,
+    run_cli,
+)
+from library.errors import Interrupted, LoraToolsError
 
 
 def make_parser():
@@ -77,3 +90,83 @@ def test_run_cli_debug_keeps_traceback():
 
     with pytest.raises(LoraToolsError):
         run_cli(make_parser, main, ["--debug"])
+
+
+# ---- one-line argparse errors and value types ----------------------------------------------------------------
+
+def typed_parser():
+    parser = argparse.ArgumentParser(prog="demo")
+    parser.add_argument("--mode", choices=["add", "ties", "dare"], default="add")
+    parser.add_argument("--new_rank", type=int, default=4)
+    parser.add_argument("--to", required=True)
+    parser.add_argument("--ratio", type=finite_float, default=1.0)
+    parser.add_argument("--density", type=density, default=1.0)
+    return add_common_args(parser)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--to", "x", "--mode", "sum"], "demo: error: --mode: value 'sum' is not allowed; use one of add, ties, dare"),
+    (["--to", "x", "--new_rank", "big"], "demo: error: --new_rank: value 'big' is not an integer"),
+    (["--mode", "add"], "demo: error: --to: required but not given (see --help)"),
+    (["--to", "x", "--ratio", "nan"], "demo: error: --ratio: value 'nan' is not a finite number"),
+    (["--to", "x", "--density", "0"], "demo: error: --density: value '0' must be in (0, 1]: the fraction of entries kept"),
+    (["--to", "x", "--save_precision", "fp7"],
+     "demo: error: --save_precision: value 'fp7' is not allowed; use one of fp32, float, fp16, bf16, fp8_e4m3fn, fp8_e5m2"),
+    (["--to", "x", "--new_rnak", "3"], "demo: error: unknown argument(s): --new_rnak (did you mean --new_rank?), 3"),
+    (["--to"], "demo: error: --to: expected one value"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, expected):
+    with pytest.raises(SystemExit) as info:
+        run_cli(typed_parser, lambda args: None, argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [expected]
+
+
+def test_value_types():
+    assert finite_float("1e3") == 1000.0 and finite_float("-0.5") == -0.5
+    for bad in ("nan", "inf", "-inf", "NaN", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            finite_float(bad)
+    assert positive_int("3") == 3 and nonnegative_int("0") == 0
+    for fn, bad in ((positive_int, "0"), (positive_int, "-2"), (positive_int, "1.5"), (nonnegative_int, "-1")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            fn(bad)
+    assert density("1") == 1.0 and density("0.25") == 0.25
+    for bad in ("0", "-0.1", "1.01", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            density(bad)
+
+
+def test_config_values_are_checked_like_flags(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("ratio = nan\n")
+    with pytest.raises(LoraToolsError, match="ratio: value 'nan' is not a finite number"):
+        parse_args(typed_parser(), ["--to", "x", "--config_file", str(cfg)])
+    cfg.write_text("mode = 'bogus'\n")
+    with pytest.raises(LoraToolsError, match="mode: value 'bogus' is not allowed; use one of add, ties, dare"):
+        parse_args(typed_parser(), ["--to", "x", "--config_file", str(cfg)])
+    cfg.write_text("ratio = 0.5\nnew_rank = 8\n")
+    args = parse_args(typed_parser(), ["--to", "x", "--config_file", str(cfg)])
+    assert args.ratio == 0.5 and args.new_rank == 8
+
+
+@pytest.mark.parametrize("signum,status,what", [(signal.SIGTERM, 143, "terminated by SIGTERM"),
+                                                (signal.SIGHUP, 129, "terminated by SIGHUP")])
+def test_run_cli_turns_signals_into_exit_status(capsys, signum, status, what):
+    def main(args):
+        raise Interrupted(signum)
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(make_parser, main, [])
+    assert info.value.code == status
+    assert capsys.readouterr().err.splitlines() == [f"demo: {what}; no output was written, no temporary file left"]
+    assert signal.getsignal(signum) == signal.SIG_DFL  # handlers restored after the run
+
+
+def test_prepare_output_checks_the_report_with_the_output(tmp_path):
+    args = argparse.Namespace(overwrite=True, dry_run=False, report=str(tmp_path / "nope" / "r.json"))
+    with pytest.raises(LoraToolsError, match="--report: output folder does not exist"):
+        prepare_output(str(tmp_path / "o.safetensors"), [], args)
+    args.report = str(tmp_path / "o.safetensors")
+    with pytest.raises(LoraToolsError, match="--report: output path is also the --save_to output"):
+        prepare_output(str(tmp_path / "o.safetensors"), [], args)
