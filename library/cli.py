@@ -21,7 +21,7 @@ from library import destination, interrupts
 from library.console import warn  # noqa: F401  (scripts import warn from here)
 from library.destination import Destination
 from library.errors import Interrupted, LoraToolsError
-from library.safetensors_io import PRECISION_CHOICES, parse_dtype
+from library.precision import PRECISION_CHOICES, parse_dtype
 
 # Side outputs a script may have besides its main one (`args.<dest>` → flag): prepare_output checks them
 # with the main output, before any work, against the inputs and against each other.

@@ -28,6 +28,7 @@ import torch
 
 from library.destination import DISK_ERRNOS, AtomicFile, Destination
 from library.errors import LoraToolsError
+from library.precision import PRECISION_CHOICES, parse_dtype  # noqa: F401  (re-exported)
 
 # safetensors' own limit for the JSON header; anything bigger is corruption, not metadata.
 MAX_HEADER_BYTES = 100_000_000
@@ -52,27 +53,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
-_PRECISION_ALIASES = {
-    "fp32": torch.float32, "float": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "half": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2, "float8_e5m2": torch.float8_e5m2,
-    "fp64": torch.float64, "float64": torch.float64,
-}
-PRECISION_CHOICES = ["fp32", "float", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]
-
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """Map a user's precision name (`fp16`, `bf16`, `float`, ...) to a torch dtype; None stays None."""
-    if name is None:
-        return None
-    try:
-        return _PRECISION_ALIASES[name.lower()]
-    except KeyError:
-        raise LoraToolsError(f"unknown precision {name!r}; use one of {', '.join(PRECISION_CHOICES)}") from None
 
 
 def cast_clamped(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -20,6 +20,7 @@ from library.cli import (
     run_cli,
 )
 from library.errors import Interrupted, LoraToolsError
+from tests.conftest import ROOT
 
 
 def make_parser():
@@ -111,7 +112,7 @@ def typed_parser():
     (["--to", "x", "--ratio", "nan"], "demo: error: --ratio: value 'nan' is not a finite number"),
     (["--to", "x", "--density", "0"], "demo: error: --density: value '0' must be in (0, 1]: the fraction of entries kept"),
     (["--to", "x", "--save_precision", "fp7"],
-     "demo: error: --save_precision: value 'fp7' is not allowed; use one of fp32, float, fp16, bf16, fp8_e4m3fn, fp8_e5m2"),
+     "demo: error: --save_precision: value 'fp7' is not allowed; use one of fp32, float, fp16, bf16, fp8, fp8_e4m3fn, fp8_e5m2"),
     (["--to", "x", "--new_rnak", "3"], "demo: error: unknown argument(s): --new_rnak (did you mean --new_rank?), 3"),
     (["--to"], "demo: error: --to: expected one value"),
 ])
@@ -170,3 +171,20 @@ def test_prepare_output_checks_the_report_with_the_output(tmp_path):
     args.report = str(tmp_path / "o.safetensors")
     with pytest.raises(LoraToolsError, match="--report: output path is also the --save_to output"):
         prepare_output(str(tmp_path / "o.safetensors"), [], args)
+
+
+def test_precision_names_without_torch_and_sd_scripts_fp8():
+    """The choices come from a torch-free module; sd-scripts' plain `fp8` means e4m3fn."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from library.precision import PRECISION_CHOICES, parse_dtype
+
+    assert "fp8" in PRECISION_CHOICES and parse_dtype("fp8") is torch.float8_e4m3fn
+    assert parse_dtype("float") is torch.float32 and parse_dtype(None) is None
+    code = "import sys, library.cli, library.precision; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT)
+    assert out.stdout.strip() == "False"
