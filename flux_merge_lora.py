@@ -124,7 +124,7 @@ def combined_modules(inputs: list[LoraInput], mode: str, args, device) -> tuple[
         raise LoraToolsError("nothing to merge: every module has strength 0")
     if mode in SVD_MODES:
         from library.svd_merge import MergeSettings, merge_layers
-        from library.svd_merge_plan import jobs_from_groups, modules_from_results, summary
+        from library.svd_merge_io import jobs_from_groups, modules_from_results, summary
 
         if args.new_rank is None:
             raise LoraToolsError(f"--mode {mode} needs --new_rank")
@@ -132,8 +132,8 @@ def combined_modules(inputs: list[LoraInput], mode: str, args, device) -> tuple[
                                  sign_method=args.majority_sign_method, seed=args.seed, device=device)
         results = merge_layers(jobs_from_groups(groups, len(inputs)), settings)
         st = summary(results)
-        line = (f"relative error vs the exact merged delta: mean {st['rel_error_mean']:.3g}, "
-                f"max {st['rel_error_max']:.3g} ({st['worst_layer']})")
+        line = (f"relative error vs the exact merged delta: mean {st['relative_error_mean']:.3g}, "
+                f"max {st['relative_error_max']:.3g} ({st['worst_layer']})")
         return (modules_from_results(groups, results), [r.report["rank_out"] for r in results.values()],
                 [r.alpha for r in results.values()], line)
     modules, reports = combine(groups, mode, density=args.density, sign_method=args.majority_sign_method,

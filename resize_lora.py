@@ -148,7 +148,7 @@ def resize_metadata(lora, reports, old_ranks, args, save_to) -> dict[str, str]:
               "remove_linear_dims": args.remove_linear_dims, "seed": args.seed}
     extra = {"ss_training_comment": comment + lora.metadata.get("ss_training_comment", ""),
              "loratools.resize": json.dumps(params, sort_keys=True)}
-    metadata = lora_metadata(lora.metadata, family=lora.family, ranks=[r["new_rank"] for r in reports],
+    metadata = lora_metadata(lora.metadata, family=lora.family, ranks=[r["rank_out"] for r in reports],
                              alphas=[r["alpha"] for r in reports], save_to=save_to, extra=extra)
     metadata.update(provenance("resize_lora.py", args, [args.model], seed=args.seed))
     return metadata
@@ -157,11 +157,12 @@ def resize_metadata(lora, reports, old_ranks, args, save_to) -> dict[str, str]:
 def print_summary(reports, summary, args) -> None:
     if args.verbose:
         for r in reports:
-            print(f"{r['module']}: rank {r['old_rank']} -> {r['new_rank']}, fro retained {r['fro_retained']:.4f}, "
-                  f"rel error {r['rel_error']:.4f}, max(S) ratio {r['max_sv_ratio']:.3g} [{r['type']}, {r['route']}]")
+            print(f"{r['target']}: rank {r['rank_in']} -> {r['rank_out']}, fro retained {r['fro_retained']:.4f}, "
+                  f"relative error {r['relative_error']:.4f}, max(S) ratio {r['max_sv_ratio']:.3g} "
+                  f"[{r['type']}, {r['route']}]")
     if summary.get("layers"):
         print(f"resized {summary['layers']} layers to ranks {summary['ranks'][0]}..{summary['ranks'][-1]}: "
-              f"fro retained mean {summary['mean_fro_retained']:.4f}, min {summary['min_fro_retained']:.4f}; "
+              f"fro retained mean {summary['fro_retained_mean']:.4f}, min {summary['fro_retained_min']:.4f}; "
               f"file {summary['file_size_before']:,} -> {summary['file_size_after']:,} bytes")
 
 

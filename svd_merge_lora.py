@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> dict:
     from library.metadata import lora_metadata, minimal_metadata, provenance, title_of
     from library.safetensors_io import cast_clamped, parse_dtype, save_tensors
     from library.svd_merge import merge_layers, uses_factored_route
-    from library.svd_merge_plan import (
+    from library.svd_merge_io import (
         jobs_from_groups,
         layer_line,
         modules_from_results,
@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> dict:
 
     stats = summary(results)
     print(f"  rank {stats['rank_out_min']}..{stats['rank_out_max']}; relative error vs the exact merged delta: "
-          f"mean {stats['rel_error_mean']:.3g}, max {stats['rel_error_max']:.3g} ({stats['worst_layer']}); "
+          f"mean {stats['relative_error_mean']:.3g}, max {stats['relative_error_max']:.3g} ({stats['worst_layer']}); "
           f"energy retained min {stats['energy_retained_min']:.4f}")
     if args.verbose:
         lines = [layer_line(results[j.name].report) for j in jobs]

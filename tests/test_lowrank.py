@@ -202,13 +202,13 @@ def test_select_rank_caps_and_edge_cases():
 def test_retained_figures():
     s = torch.tensor([4.0, 3.0])
     figures = retained(s, 1, total_energy=25.0)
-    assert math.isclose(figures["fro_retained"], 4 / 5) and math.isclose(figures["rel_error"], 3 / 5)
+    assert math.isclose(figures["fro_retained"], 4 / 5) and math.isclose(figures["relative_error"], 3 / 5)
     assert math.isclose(figures["sum_retained"], 4 / 7) and figures["max_sv_ratio"] == 1.0
-    assert math.isclose(retained(s, 2)["max_sv_ratio"], 4 / 3) and retained(s, 2)["rel_error"] == 0.0
+    assert math.isclose(retained(s, 2)["max_sv_ratio"], 4 / 3) and retained(s, 2)["relative_error"] == 0.0
     # Against a larger exact total (truncated spectrum) the retained share is smaller.
     assert math.isclose(retained(s, 2, total_energy=100.0)["fro_retained"], 0.5)
     zero = retained(torch.zeros(3), 1)
-    assert zero["fro_retained"] == 1.0 and zero["rel_error"] == 0.0
+    assert zero["fro_retained"] == 1.0 and zero["relative_error"] == 0.0
 
 
 def test_svd_to_lora_linear_and_conv_reconstruct_the_truncation():

@@ -81,7 +81,7 @@ def test_add_full_rank_is_exact_and_low_rank_is_optimal(tmp_path):
     name = modules[-1].name  # lora_te1_text_model_encoder_layers_0_self_attn_q_proj
     entry = next(e for t, e in layers.items() if t.endswith("text_model.encoder.layers.0.self_attn.q_proj.weight"))
     exact = merged64(inputs, ratios, name)
-    assert entry["rel_error"] == pytest.approx(rel(dense_delta(tensors, name), exact), rel=1e-3)
+    assert entry["relative_error"] == pytest.approx(rel(dense_delta(tensors, name), exact), rel=1e-3)
 
 
 def test_other_output_format_holds_the_same_deltas(tmp_path):
@@ -133,7 +133,7 @@ def test_loha_input_and_reported_error(tmp_path):
         projection = m.name.rsplit("_", 1)[1]  # q or k
         canonical = f"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_{projection}.weight"
         entry = next(e for e in layers if e["target"] == canonical)
-        assert entry["rel_error"] == pytest.approx(err, rel=1e-3)
+        assert entry["relative_error"] == pytest.approx(err, rel=1e-3)
 
 
 def test_dare_is_seeded_per_layer_and_input(tmp_path):
@@ -232,7 +232,7 @@ def test_exit_status_2_and_one_line(tmp_path, capsys):
 def test_fused_slice_adapter_and_bias_only_modules():
     from library.formats.types import Target
     from library.lora_combine import Group, Term
-    from library.svd_merge_plan import jobs_from_groups
+    from library.svd_merge_io import jobs_from_groups
     from networks import FullDiffAdapter, adapter_from_tensors
 
     # A LoRA on rows 4:8 of a 12-row fused weight is the same LoRA with zero rows elsewhere, bias included.
