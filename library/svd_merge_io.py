@@ -1,5 +1,5 @@
-"""svd_merge_lora.py (and flux_merge_lora.py's svd modes) between files and the engine: inputs grouped per canonical target, engine jobs,
-merged modules back in any output format, and the per-layer report.
+"""svd_merge_lora.py (and flux_merge_lora.py's svd modes) between files and the engine: inputs grouped per
+canonical target, engine jobs, merged modules back in any output format, and the per-layer report.
 
 Grouping is lora_combine.group_targets (shared with merge_lora.py): inputs must share a family, block
 weights multiply the ratios, DoRA is refused, and where files cut one fused weight differently (Flux qkv
