@@ -58,7 +58,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact_svd", action="store_true", help="exact SVD per layer instead of the randomized one")
     p.add_argument("--svd_iters", type=int, default=2, help="power iterations of the randomized SVD (default 2)")
     p.add_argument("--oversample", type=int, default=None,
-                   help="extra columns of the randomized sketch (default and minimum: the rank itself, at least 10)")
+                   help="extra columns of the randomized sketch (default: the rank itself, at least 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketches (per layer)")
     p.add_argument("--load_precision", default=None, choices=("float", "fp32", "fp16", "bf16"),
                    help="cast both models' weights to this before subtracting (sd-scripts' flag)")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from library.errors import LoraToolsError
-from library.extract import ExtractOptions, LayerResult
+from library.extract import ExtractedLayer, ExtractOptions
 from library.extract_naming import GENERIC_STYLES, generic_tensors, module_name, peft_adapter_metadata
 from library.extract_pairs import CheckpointPair
 from library.metadata import lora_metadata, minimal_metadata, provenance
@@ -54,7 +54,7 @@ class GenericNaming:
     def describe(self) -> str:
         return f"generic {self.style} naming"
 
-    def tensors(self, results: Sequence[LayerResult]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def tensors(self, results: Sequence[ExtractedLayer]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         out: dict[str, torch.Tensor] = {}
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for result in results:
@@ -120,7 +120,7 @@ def _detect_one(detect, reader, path: str) -> str | None:
         return None
 
 
-def output_tensors_and_metadata(results: Sequence[LayerResult], naming, options: ExtractOptions,
+def output_tensors_and_metadata(results: Sequence[ExtractedLayer], naming, options: ExtractOptions,
                                 args: argparse.Namespace, save_to: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors, extra = naming.tensors(results)
     low = [r for r in results if r.rank is not None]

@@ -88,9 +88,9 @@ def test_low_rank_delta_recovered_and_reported(tmp_path):
         assert err <= 1.01 * best + 1e-7, key
         # the report states the error of the stored factors, computed independently here
         entry = next(e for e in report["layers"] if e["key"] == key)
-        assert entry["rank"] == 4
+        assert entry["rank_out"] == 4
         assert entry["relative_error"] == pytest.approx(err / float(diffs[key].norm()), rel=1e-3, abs=1e-6)
-        assert entry["retained_energy"] == pytest.approx(1 - (err / float(diffs[key].norm())) ** 2, abs=1e-6)
+        assert entry["energy_retained"] == pytest.approx(1 - (err / float(diffs[key].norm())) ** 2, abs=1e-6)
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["summary"]["low_rank_layers"] == 4
 
@@ -258,11 +258,11 @@ def test_dynamic_rank_sv_fro_capped_by_dim(tmp_path):
     report, _, meta = run(tmp_path, base, tuned, "--dim", "16", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9",
                           *COMFY)
     entry = report["layers"][0]
-    assert entry["rank"] == expected
-    assert entry["retained_energy"] >= 0.81 - 1e-6
+    assert entry["rank_out"] == expected
+    assert entry["energy_retained"] >= 0.81 - 1e-6
     report, _, _ = run(tmp_path, base, tuned, "--dim", "2", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9",
                        *COMFY, out="capped.safetensors")
-    assert report["layers"][0]["rank"] == 2
+    assert report["layers"][0]["rank_out"] == 2
 
 
 def test_cli_error_is_one_line_with_exit_status_2(tmp_path, capsys):
