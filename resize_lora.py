@@ -19,6 +19,7 @@ from collections import Counter
 
 import torch
 
+from library.checks import refusing_nonfinite
 from library.cli import add_common_args, prepare_output, progress, resolve_device, run_cli
 from library.errors import LoraToolsError
 from library.lowrank import DYNAMIC_METHODS
@@ -61,7 +62,8 @@ def main(args: argparse.Namespace) -> dict:
 
     device = resolve_device(args.device)
     save_to = prepare_output(args.save_to, [args.model], args)
-    lora = read_lora(args.model, family=args.family, allow_unmatched=args.allow_unmatched)
+    with refusing_nonfinite():  # an SVD of NaN/inf is undefined: refuse, naming the tensors
+        lora = read_lora(args.model, family=args.family, allow_unmatched=args.allow_unmatched)
     save_dtype = parse_dtype(args.save_precision) if args.save_precision else input_dtype(lora.modules)
     settings = ResizeSettings(new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
                               dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param,

@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from library.checks import refusing_nonfinite
 from library.cli import (
     add_common_args,
     check_counts,
@@ -131,7 +132,8 @@ def main(args: argparse.Namespace) -> dict:
     ratios = args.ratios if args.ratios else [1.0] * len(args.models)
     settings = settings_from(args)
     save_to = prepare_output(args.save_to, args.models, args)
-    inputs = read_inputs(args, ratios)
+    with refusing_nonfinite():  # an SVD of NaN/inf is undefined: refuse, naming the file and tensors
+        inputs = read_inputs(args, ratios)
     family, groups = group_targets(inputs)
     if not groups:
         raise LoraToolsError("nothing to merge: every module has strength 0")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from library.checks import NonFiniteTracker
 from library.extract_pairs import CheckpointPair
 from library.lowrank import dense_sq_norm
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_dense
@@ -229,15 +230,22 @@ def _low_rank(task: LayerTask, delta: torch.Tensor, options: ExtractOptions, res
 
 def run_extraction(pair: CheckpointPair, tasks: list[LayerTask], options: ExtractOptions,
                    progress: Callable[[Iterable, int], Iterable] | None = None) -> list[ExtractedLayer]:
-    """Run every task, reading each key's pair once (fused keys with several row slices share one read)."""
+    """Run every task, reading each key's pair once (fused keys with several row slices share one read).
+
+    NaN/inf in either model is refused (library/checks.py): at the first such tensor the work stops, the
+    remaining keys are only scanned, so that the error names how many tensors of which file are affected.
+    """
     by_key: dict[str, list[LayerTask]] = {}
     for task in tasks:
         by_key.setdefault(task.key, []).append(task)
     keys = list(by_key)
     iterator = keys if progress is None else progress(keys, len(keys))
     results: list[ExtractedLayer] = []
-    for key in iterator:
+    trackers = (NonFiniteTracker(pair.base_path, refuse=True), NonFiniteTracker(pair.tuned_path, refuse=True))
+    for index, key in enumerate(iterator):
         base, tuned = pair.read(key)
+        if not all([trackers[0].check(key, base), trackers[1].check(key, tuned)]):
+            _scan_nonfinite(pair, keys[index + 1:], trackers)
         start = time.perf_counter()
         delta = difference(base, tuned, options)
         del base, tuned  # only the float32 difference is needed from here on
@@ -249,3 +257,12 @@ def run_extraction(pair: CheckpointPair, tasks: list[LayerTask], options: Extrac
         del delta
         release_freed_memory()
     return results
+
+
+def _scan_nonfinite(pair: CheckpointPair, keys: Iterable[str], trackers: tuple[NonFiniteTracker, ...]) -> None:
+    """Check the remaining keys of both models (no maths), then refuse naming each file's NaN/inf tensors."""
+    for key in keys:
+        for tracker, tensor in zip(trackers, pair.read(key)):
+            tracker.check(key, tensor)
+    for tracker in trackers:
+        tracker.finish()

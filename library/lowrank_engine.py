@@ -25,6 +25,7 @@ from functools import cached_property
 
 import torch
 
+from library.errors import LoraToolsError
 from library.lowrank import (
     clamp_quantile,
     dense_sq_norm,
@@ -213,6 +214,7 @@ def _fill_batch(batch: list[LowRankJob], dtype: torch.dtype) -> tuple[torch.Tens
 
 def run_factored_batch(batch: list[LowRankJob], settings: EngineSettings) -> list[LayerResult]:
     big_up, big_down = _fill_batch(batch, settings.dtype)
+    _refuse_nonfinite(batch, big_up, big_down)
     big_up, big_down = big_up.to(settings.device), big_down.to(settings.device)
     svd = factored_svd(big_up, big_down, dtype=settings.dtype)
     # The whole spectrum (min(R, out, in) values): Σσ² is the exact ‖M‖_F².
@@ -243,6 +245,8 @@ def run_dense(job: LowRankJob, settings: EngineSettings) -> LayerResult:
     matrix = job.dense() if callable(job.dense) else job.dense
     matrix = matrix.reshape(job.shape[0], -1)
     total = float(dense_sq_norm(matrix))
+    if not math.isfinite(total):
+        raise LoraToolsError(NONFINITE_MESSAGE, key=job.name)
     cap = min(int(job.max_rank), *matrix.shape)
     if job.input_rank is not None:
         cap = min(cap, int(job.input_rank))
@@ -270,6 +274,17 @@ def run_dense(job: LowRankJob, settings: EngineSettings) -> LayerResult:
     # Copies, not views: a slice of an SVD factor would keep its whole (oversampled) storage alive.
     return LayerResult(job.name, tuple(job.shape), up.cpu().clone(), down.cpu().clone(), alpha, route, spectrum,
                        total, error_sq, job.rank_in)
+
+
+# The scripts refuse NaN/inf when they read (library/checks.py names the file and tensors); this is the
+# engine's own guard for any other caller: an SVD of a non-finite matrix fails or returns garbage.
+NONFINITE_MESSAGE = "NaN or inf in this layer's delta: it has no low-rank decomposition"
+
+
+def _refuse_nonfinite(batch: list[LowRankJob], big_up: torch.Tensor, big_down: torch.Tensor) -> None:
+    finite = torch.isfinite(big_up).flatten(1).all(1) & torch.isfinite(big_down).flatten(1).all(1)
+    if not bool(finite.all()):
+        raise LoraToolsError(NONFINITE_MESSAGE, key=batch[int((~finite).nonzero()[0, 0])].name)
 
 
 def _as_returned(up: torch.Tensor, down: torch.Tensor, settings: EngineSettings) -> tuple[torch.Tensor, torch.Tensor]:

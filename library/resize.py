@@ -101,9 +101,19 @@ def engine_job(job: ResizeJob, settings: ResizeSettings) -> LowRankJob:
                   method=settings.dynamic_method, param=settings.dynamic_param, rank_in=adapter.rank)
     if uses_factored_route(job):
         # factors() folds the scale into up (up@down = ΔW); the output keeps alpha/rank (sd-scripts' rule).
-        return LowRankJob(parts=[(adapter, 1.0)], input_rank=adapter.rank, scale=adapter.scale, **common)
+        return LowRankJob(parts=[(adapter, 1.0)], input_rank=adapter.rank, scale=output_scale(adapter.scale),
+                          **common)
     # Converted types get scale 1 (alpha = k); their delta is formed only when the engine reaches the job.
     return LowRankJob(dense=lambda: dense_delta(job, settings.device), input_rank=dense_input_rank(adapter), **common)
+
+
+def output_scale(scale: float) -> float:
+    """The output's alpha/rank: the input's, made positive (sd-scripts' rule keeps it; a stored alpha is > 0).
+
+    A negative alpha only flips the sign of ΔW, which the SVD carries in its vectors: |α|/r gives the same
+    delta exactly. (An alpha of 0 never gets here: networks/ reads it as alpha = rank, as kohya does.)
+    """
+    return abs(float(scale))
 
 
 def dense_delta(job: ResizeJob, device: torch.device) -> torch.Tensor:

@@ -376,3 +376,41 @@ def test_script_real_lokr_file(tmp_path):
         down = out[f"{r['target']}.lora_down.weight"].double().reshape(8, -1)
         err = float((dense - float(out[f"{r['target']}.alpha"]) / 8 * up @ down).norm())
         assert err <= 1.02 * float(S[8:].norm()) + 1e-6 * float(S[0])
+
+
+def run_cli_lines(argv, capsys):
+    """resize_lora.py through run_cli: (exit status, stderr lines)."""
+    import resize_lora
+    from library.cli import run_cli
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(resize_lora.setup_parser, resize_lora.main, argv)
+    return info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_script_refuses_nonfinite_tensors_naming_file_and_tensors(tmp_path, capsys):
+    formats_or_skip()
+    from library.safetensors_io import save_tensors
+
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    tensors = write_sdxl_lora(src)
+    names = list(SDXL_FILE_MODULES)
+    tensors[f"{names[0]}.lora_up.weight"][3, 1] = float("nan")
+    tensors[f"{names[2]}.lora_down.weight"][0, 0, 1, 1] = float("inf")
+    save_tensors(str(src), tensors, {"ss_base_model_version": "sdxl_base_v1-0"}, overwrite=True)
+    code, lines = run_cli_lines(["--model", str(src), "--save_to", str(dst), "--new_rank", "4"], capsys)
+    assert code == 2 and len(lines) == 1 and not dst.exists()
+    assert lines[0].endswith(f"{src}: 2 tensor(s) contain NaN or inf: {names[0]}.lora_up.weight, "
+                             f"{names[2]}.lora_down.weight; a low-rank decomposition of such a layer is undefined "
+                             "(repair or drop these modules)")
+
+
+def test_negative_alpha_gives_the_same_delta_with_a_positive_alpha():
+    tensors = lora_tensors(48, 40, 6, -3.0, 11)
+    dense = delta64(tensors)  # (−3/6)·up@down
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    optimal = (U[:, :4] * S[:4]) @ Vh[:4]
+    out = run([job(LINEAR, tensors, (48, 40))], new_rank=4)[LINEAR].tensors
+    assert float(out["alpha"]) == pytest.approx(3.0 / 6 * 4)  # |alpha|/rank kept
+    got = float(out["alpha"]) / 4 * out["lora_up.weight"].double() @ out["lora_down.weight"].double()
+    assert float((got - optimal).norm() / optimal.norm()) < 1e-5
