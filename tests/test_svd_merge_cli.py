@@ -254,3 +254,21 @@ def test_fused_slice_adapter_and_bias_only_modules():
     only_bias = Term(FullDiffAdapter(None, bias_delta=torch.randn(12)), 1.0, (0, 12), "f: norm")
     with pytest.raises(LoraToolsError, match="bias"):
         jobs_from_groups([Group(target, [only_bias])], 1)
+
+
+def test_nonfinite_input_is_refused_naming_the_file(tmp_path, capsys):
+    from library.cli import run_cli
+    from svd_merge_lora import main, setup_parser
+
+    modules, (a, b), (pa, pb) = sdxl_pair(tmp_path)
+    key = next(k for k in b if k.endswith("lora_down.weight"))
+    b[key] = b[key].clone()
+    b[key][0, 0] = float("nan")
+    write_lora(pb, b, kohya_metadata("sdxl", 16))
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(SystemExit) as info:
+        run_cli(setup_parser, main, ["--models", pa, pb, "--new_rank", "4", "--save_to", str(out), "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and not out.exists()
+    assert lines[0].endswith(f"{pb}: 1 tensor(s) contain NaN or inf: {key}; a low-rank decomposition of such a layer "
+                             "is undefined (repair or drop these modules)")
