@@ -24,8 +24,6 @@ from library.extract_pairs import CheckpointPair
 from library.lowrank import dense_sq_norm
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_dense
 
-ROLES = ("lowrank", "diff", "diff_b")
-
 
 @dataclass
 class ExtractOptions:

@@ -20,7 +20,6 @@ from library.extract_naming import GENERIC_STYLES, generic_tensors, module_name,
 from library.extract_pairs import CheckpointPair
 from library.metadata import lora_metadata, minimal_metadata
 
-FAMILY_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
 OUTPUT_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy", "peft")
 
 

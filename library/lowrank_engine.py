@@ -38,7 +38,8 @@ from library.lowrank import (
     svd_to_lora,
 )
 
-ROUTES = ("factored", "dense/randomized", "dense/exact")
+# The one route vocabulary of every report.
+FACTORED, DENSE_RANDOMIZED, DENSE_EXACT = "factored", "dense/randomized", "dense/exact"
 
 # Stacked factors of one batch stay under this many elements per side (64 MiB in fp32), so batching
 # the 38 Flux `linear1` layers at rank 128 does not need gigabytes at once.
@@ -235,7 +236,7 @@ def run_factored_batch(batch: list[LowRankJob], settings: EngineSettings) -> lis
             error_sq = float(lowrank_fro_norm_sq([big_up[i], up.reshape(up.shape[0], k).to(big_up.dtype)],
                                                  [big_down[i], down.reshape(k, -1).to(big_up.dtype)],
                                                  [1.0, -alpha / k]))
-        results.append(LayerResult(job.name, tuple(job.shape), up.cpu(), down.cpu(), alpha, "factored", S.cpu(),
+        results.append(LayerResult(job.name, tuple(job.shape), up.cpu(), down.cpu(), alpha, FACTORED, S.cpu(),
                                    total, error_sq, job.parts_rank() if job.rank_in is None else job.rank_in))
     return results
 
@@ -253,12 +254,12 @@ def run_dense(job: LowRankJob, settings: EngineSettings) -> LayerResult:
     if settings.exact_dense or job.method == "sv_cumulative":
         # Σσ over the whole spectrum cannot be had from a sketch: sv_cumulative needs the exact SVD.
         U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-        route = "dense/exact"
+        route = DENSE_EXACT
     else:
         generator = generator_for(settings.seed, job.seed_name or job.name, matrix.device)
         U, S, Vh = randomized_svd(matrix, cap, oversample=settings.oversample, n_iter=settings.power_iters,
                                   generator=generator)
-        route = "dense/randomized"
+        route = DENSE_RANDOMIZED
     k = select_rank(S, job.method, job.param, max_rank=cap, total_energy=total, input_rank=job.input_rank)
     up, down, alpha = svd_to_lora(U[:, :k], S[:k], Vh[:k], job.shape, scale=job.scale,
                                   alpha_dtype=settings.alpha_dtype)
