@@ -13,10 +13,10 @@ import argparse
 
 from library.cli import add_common_args, prepare_output, progress, resolve_device, run_cli, warn
 from library.errors import LoraToolsError
-from library.extract import ExtractOptions, plan_layers, run_extraction
-from library.extract_output import OUTPUT_FORMATS, NamingOptions, choose_naming, output_tensors_and_metadata
-from library.extract_pairs import CheckpointPair
-from library.extract_report import build_report, format_layer, format_summary, write_report
+from library.extract.layers import ExtractOptions, plan_layers, run_extraction
+from library.extract.output import OUTPUT_FORMATS, NamingOptions, choose_naming, output_tensors_and_metadata
+from library.extract.pairs import CheckpointPair
+from library.extract.report import build_report, format_layer, format_summary, write_report
 from library.metadata import provenance
 from library.safetensors_io import parse_dtype, save_tensors
 

@@ -356,7 +356,7 @@ class _HeaderOnly:
 def test_family_mismatch_and_flag_checks_are_clear_errors():
     import argparse
 
-    from library.extract_output import _detect_family
+    from library.extract.output import _detect_family
     from library.formats import FAMILIES
 
     sdxl = _HeaderOnly(dict(FAMILIES["sdxl"].table.shapes), "sdxl.safetensors")

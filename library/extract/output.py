@@ -1,7 +1,7 @@
 """Naming and metadata of an extracted LoRA: which keys get a module, what it is called, what goes in the header.
 
 Generic naming (`--format peft|comfy`, or any model of no known family) names modules after the
-checkpoint keys (`library/extract_naming.py`). Family naming (kohya, diffusers, ai-toolkit, comfy for
+checkpoint keys (`library/extract/naming.py`). Family naming (kohya, diffusers, ai-toolkit, comfy for
 SD1/SD2/SDXL/Flux) asks `library.formats` for the canonical target of each checkpoint key and writes
 the modules through its writers, so extracted files use exactly the names our converter reads.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from library.errors import LoraToolsError
-from library.extract import ExtractedLayer, ExtractOptions
-from library.extract_naming import GENERIC_STYLES, generic_tensors, module_name, peft_adapter_metadata
-from library.extract_pairs import CheckpointPair
+from library.extract.layers import ExtractedLayer, ExtractOptions
+from library.extract.naming import GENERIC_STYLES, Naming, generic_tensors, module_name, peft_adapter_metadata
+from library.extract.pairs import CheckpointPair
 from library.metadata import lora_metadata, minimal_metadata
 
 OUTPUT_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy", "peft")
@@ -82,7 +82,7 @@ class GenericNaming:
         return out, extra
 
 
-def choose_naming(pair: CheckpointPair, opts: NamingOptions):
+def choose_naming(pair: CheckpointPair, opts: NamingOptions) -> Naming:
     """Generic naming for --format peft (and comfy with explicit prefixes or no family); else the family's."""
     fmt = opts.format
     family = _detect_family(pair, opts)
@@ -95,7 +95,7 @@ def choose_naming(pair: CheckpointPair, opts: NamingOptions):
     if family is None:
         raise LoraToolsError(f"--format {fmt} needs a known model family, and none was detected; use --format peft "
                              "or comfy, or name it with --family", file=pair.base_path)
-    from library.extract_family import FamilyNaming
+    from library.extract.family import FamilyNaming
 
     return FamilyNaming(pair, family, fmt or "kohya")
 
@@ -130,7 +130,7 @@ def _detect_one(detect, reader, path: str) -> str | None:
         return None
 
 
-def output_tensors_and_metadata(results: Sequence[ExtractedLayer], naming, options: ExtractOptions, save_to: str, *,
+def output_tensors_and_metadata(results: Sequence[ExtractedLayer], naming: Naming, options: ExtractOptions, save_to: str, *,
                                 v_parameterization: bool = False, minimal: bool = False,
                                 provenance: Mapping[str, str] | None = None,
                                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from library.errors import LoraToolsError
-from library.extract import ExtractedLayer
-from library.extract_pairs import CheckpointPair
+from library.extract.layers import ExtractedLayer
+from library.extract.pairs import CheckpointPair
 from library.formats import FAMILIES, Module, Target, lora_tensors
 from library.formats.checkpoint import detect_checkpoint_layout, layout_by_keys
 

@@ -6,7 +6,7 @@ import json
 import math
 from collections.abc import Sequence
 
-from library.extract import ExtractedLayer
+from library.extract.layers import ExtractedLayer
 
 
 def layer_entry(result: ExtractedLayer) -> dict:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from library.checks import NonFiniteTracker
-from library.extract_pairs import CheckpointPair
+from library.extract.pairs import CheckpointPair
 from library.lowrank import dense_sq_norm
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_dense
 
