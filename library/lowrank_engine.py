@@ -215,9 +215,19 @@ def _fill_batch(batch: list[LowRankJob], dtype: torch.dtype) -> tuple[torch.Tens
 
 def run_factored_batch(batch: list[LowRankJob], settings: EngineSettings) -> list[LayerResult]:
     big_up, big_down = _fill_batch(batch, settings.dtype)
-    _refuse_nonfinite(batch, big_up, big_down)
     big_up, big_down = big_up.to(settings.device), big_down.to(settings.device)
-    svd = factored_svd(big_up, big_down, dtype=settings.dtype)
+    try:
+        svd = factored_svd(big_up, big_down, dtype=settings.dtype)
+    except torch.linalg.LinAlgError:
+        _refuse_nonfinite(batch, big_up, big_down)
+        raise
+    # NaN/inf in the factors ends up in the spectrum (or in the LinAlgError above): checking the few
+    # singular values costs nothing, unlike a pass over every factor.
+    finite = torch.isfinite(svd.S).all(dim=-1)
+    if not bool(finite.all()):
+        _refuse_nonfinite(batch, big_up, big_down)
+        raise LoraToolsError("the SVD of this layer overflowed (its values are too large for the compute dtype)",
+                             key=batch[int((~finite).nonzero()[0, 0])].name)
     # The whole spectrum (min(R, out, in) values): Σσ² is the exact ‖M‖_F².
     totals = svd.S.double().square().sum(dim=-1).cpu()
     results = []
