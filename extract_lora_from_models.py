@@ -13,13 +13,15 @@ import argparse
 
 from library.cli import add_common_args, prepare_output, progress, resolve_device, run_cli, warn
 from library.errors import LoraToolsError
-from library.extract import ExtractOptions, plan_layers, run_extraction
-from library.extract_output import OUTPUT_FORMATS, choose_naming, output_tensors_and_metadata
-from library.extract_pairs import CheckpointPair
-from library.extract_report import build_report, format_layer, format_summary, write_report
+from library.extract.layers import ExtractOptions, plan_layers, run_extraction
+from library.extract.output import OUTPUT_FORMATS, NamingOptions, choose_naming, output_tensors_and_metadata
+from library.extract.pairs import CheckpointPair
+from library.extract.report import build_report, format_layer, format_summary, write_report
+from library.metadata import provenance
 from library.safetensors_io import parse_dtype, save_tensors
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+SCRIPT = "extract_lora_from_models.py"
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -58,7 +60,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact_svd", action="store_true", help="exact SVD per layer instead of the randomized one")
     p.add_argument("--svd_iters", type=int, default=2, help="power iterations of the randomized SVD (default 2)")
     p.add_argument("--oversample", type=int, default=None,
-                   help="extra columns of the randomized sketch (default and minimum: the rank itself, at least 10)")
+                   help="extra columns of the randomized sketch (default: the rank itself, at least 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketches (per layer)")
     p.add_argument("--load_precision", default=None, choices=("float", "fp32", "fp16", "bf16"),
                    help="cast both models' weights to this before subtracting (sd-scripts' flag)")
@@ -97,7 +99,8 @@ def main(args: argparse.Namespace) -> dict:
     save_to = prepare_output(args.save_to, inputs, args)
     with CheckpointPair(args.model_org, args.model_tuned, mmap=args.mmap) as pair:
         match = pair.match(args.prefix_model)
-        naming = choose_naming(pair, args)
+        naming = choose_naming(pair, NamingOptions(format=args.format, family=args.family, prefix_model=args.prefix_model,
+                                                   prefix_lora=args.prefix_lora, v2=args.v2, sdxl=args.sdxl))
         naming.prepare(match.common)
         tasks, skipped = plan_layers(pair, [k for k in match.common if naming.accepts(k)], options, naming.targets_of)
         skipped += naming.rejected(match.common)
@@ -112,13 +115,16 @@ def main(args: argparse.Namespace) -> dict:
             return {"tasks": tasks, "skipped": skipped}
         bar = (lambda it, n: progress(it, desc="extracting", total=n)) if not args.debug else None
         results = run_extraction(pair, tasks, options, bar)
+        files = pair.files()
     settings = {k: v for k, v in vars(args).items() if k not in ("debug", "config_file")}
     report = build_report(results, skipped, only_base=match.only_base, only_tuned=match.only_tuned, settings=settings)
     kept = [r for r in results if not r.skipped]
     if not kept:
         raise LoraToolsError("every selected layer is identical in both models (or below --min_diff); nothing to save",
                              file=args.model_tuned)
-    tensors, metadata = output_tensors_and_metadata(kept, naming, options, args, save_to)
+    record = None if args.no_metadata else provenance(SCRIPT, args, files, seed=args.seed)
+    tensors, metadata = output_tensors_and_metadata(kept, naming, options, save_to, minimal=args.no_metadata,
+                                                    v_parameterization=args.v_parameterization, provenance=record)
     save_tensors(save_to, tensors, metadata, inputs=inputs, overwrite=args.overwrite, kohya_hashes=True)
     if args.verbose:
         for entry in report["layers"]:

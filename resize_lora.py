@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from library.checks import refusing_nonfinite
 from library.cli import add_common_args, prepare_output, progress, resolve_device, run_cli
 from library.destination import write_text
 from library.errors import LoraToolsError
@@ -61,7 +62,8 @@ def main(args: argparse.Namespace) -> dict:
 
     device = resolve_device(args.device)
     save_to = prepare_output(args.save_to, [args.model], args)
-    lora = read_lora(args.model, family=args.family, allow_unmatched=args.allow_unmatched)
+    with refusing_nonfinite():  # an SVD of NaN/inf is undefined: refuse, naming the tensors
+        lora = read_lora(args.model, family=args.family, allow_unmatched=args.allow_unmatched)
     save_dtype = output_dtype([lora], args.save_precision)
     settings = ResizeSettings(new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
                               dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param,
@@ -147,11 +149,12 @@ def resize_comment(lora, old_ranks, args) -> dict[str, str]:
 def print_summary(reports, summary, args) -> None:
     if args.verbose:
         for r in reports:
-            print(f"{r['module']}: rank {r['old_rank']} -> {r['new_rank']}, fro retained {r['fro_retained']:.4f}, "
-                  f"rel error {r['rel_error']:.4f}, max(S) ratio {r['max_sv_ratio']:.3g} [{r['type']}, {r['route']}]")
+            print(f"{r['target']}: rank {r['rank_in']} -> {r['rank_out']}, fro retained {r['fro_retained']:.4f}, "
+                  f"relative error {r['relative_error']:.4f}, max(S) ratio {r['max_sv_ratio']:.3g} "
+                  f"[{r['type']}, {r['route']}]")
     if summary.get("layers"):
         print(f"resized {summary['layers']} layers to ranks {summary['ranks'][0]}..{summary['ranks'][-1]}: "
-              f"fro retained mean {summary['mean_fro_retained']:.4f}, min {summary['min_fro_retained']:.4f}; "
+              f"fro retained mean {summary['fro_retained_mean']:.4f}, min {summary['fro_retained_min']:.4f}; "
               f"file {summary['file_size_before']:,} -> {summary['file_size_after']:,} bytes")
 
 

@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from library.checks import refusing_nonfinite
 from library.cli import add_common_args, compute_dtype, prepare_output, progress, resolve_device, run_cli, warn
 from library.errors import LoraToolsError
 from library.lowrank import DYNAMIC_METHODS
@@ -107,12 +108,13 @@ def main(args: argparse.Namespace) -> dict:
     from library.metadata import title_of
     from library.methods import recorded_seed
     from library.svd_merge import merge_layers, uses_factored_route
-    from library.svd_merge_plan import jobs_from_groups, layer_line, modules_from_results, summary, write_report
+    from library.svd_merge_io import jobs_from_groups, layer_line, modules_from_results, summary, write_report
 
     ratios = ratios_for(args.ratios, args.models)
     settings = settings_from(args)
     save_to = prepare_output(args.save_to, args.models, args)
-    inputs = read_inputs(args, ratios)
+    with refusing_nonfinite():  # an SVD of NaN/inf is undefined: refuse, naming the file and tensors
+        inputs = read_inputs(args, ratios)
     family, groups = group_targets(inputs)
     if not groups:
         raise LoraToolsError("nothing to merge: every module has strength 0")
@@ -131,7 +133,7 @@ def main(args: argparse.Namespace) -> dict:
 
     stats = summary(results)
     print(f"  rank {stats['rank_out_min']}..{stats['rank_out_max']}; relative error vs the exact merged delta: "
-          f"mean {stats['rel_error_mean']:.3g}, max {stats['rel_error_max']:.3g} ({stats['worst_layer']}); "
+          f"mean {stats['relative_error_mean']:.3g}, max {stats['relative_error_max']:.3g} ({stats['worst_layer']}); "
           f"energy retained min {stats['energy_retained_min']:.4f}")
     if args.verbose:
         lines = [layer_line(results[j.name].report) for j in jobs]

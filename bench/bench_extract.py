@@ -156,7 +156,7 @@ def main() -> None:
                 "speedup": round(full["seconds"] / ours["seconds"], 2),
                 "memory_ratio": round(ours["peak_rss_mib"] / full["peak_rss_mib"], 3),
                 "error_ratio_max": round(max(ratios), 5), "error_ratio_mean": round(sum(ratios) / len(ratios), 5),
-                "exact_rel_error_mean": round(sum(exact.values()) / len(exact), 5),
+                "exact_relative_error_mean": round(sum(exact.values()) / len(exact), 5),
             })
     report("extract sdxl", figures)
 

@@ -110,13 +110,13 @@ def run_case(name: str, modules, rank: int, alpha: float, settings: ResizeSettin
             times.append(time.perf_counter() - t0)
             res = results[job.name]
             sampled += 1
-            if res.report["new_rank"] != k_dense:
+            if res.report["rank_out"] != k_dense:
                 rank_mismatch += 1
                 continue
             s_ours = ours_kept_values(res.tensors, job.shape)
             worst_sv = max(worst_sv, float((s_ours.double() - s_dense.double()).abs().max() / s_dense[0].double()))
         dense_total += sum(times) / len(times) * len(members)
-    ranks = [results[j.name].report["new_rank"] for j in jobs]
+    ranks = [results[j.name].report["rank_out"] for j in jobs]
     return {"case": name, "layers": len(jobs), "ours_s": round(ours_s, 2), "dense_s_estimated": round(dense_total, 1),
             "speedup": round(dense_total / ours_s, 1), "dense_layers_timed": sampled,
             "rank_mismatches": rank_mismatch, "max_sv_diff_rel_to_s0": float(f"{worst_sv:.2e}"),

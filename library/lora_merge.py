@@ -98,7 +98,7 @@ def run_lora_merge(plan: LoraMergePlan) -> MergedLora:
 
 def _delta_merge(plan: LoraMergePlan) -> MergedLora:
     from library.svd_merge import MergeSettings, merge_layers
-    from library.svd_merge_plan import jobs_from_groups, modules_from_results, summary
+    from library.svd_merge_io import jobs_from_groups, modules_from_results, summary
 
     opts = plan.options
     name = method(plan.mode).name
@@ -106,8 +106,8 @@ def _delta_merge(plan: LoraMergePlan) -> MergedLora:
                              seed=opts.seed, device=opts.device)
     results = merge_layers(jobs_from_groups(plan.groups, len(plan.inputs)), settings)
     st = summary(results)
-    line = (f"relative error vs the exact merged delta: mean {st['rel_error_mean']:.3g}, "
-            f"max {st['rel_error_max']:.3g} ({st['worst_layer']})")
+    line = (f"relative error vs the exact merged delta: mean {st['relative_error_mean']:.3g}, "
+            f"max {st['relative_error_max']:.3g} ({st['worst_layer']})")
     return MergedLora(modules_from_results(plan.groups, results), [], results, line)
 
 

@@ -5,6 +5,8 @@
 - `lowrank_fro_norm_sq`: the exact ‖Σ wᵢ·upᵢ@downᵢ‖_F² from the two R×R Gram matrices.
 - `randomized_svd`: Halko–Martinsson–Tropp sketch with oversampling and re-orthonormalised power
   iterations, seeded, for dense matrices (LoHa/LoKr deltas, checkpoint differences, TIES/DARE merges).
+- `stable_seed` / `generator_for`: THE per-(seed, target name) seed of every random draw in loratools
+  (sketches here, DARE masks in merge_methods), so a result does not depend on layer order or count.
 - `select_rank`: fixed and dynamic (sv_ratio / sv_fro / sv_cumulative) rank rules, energies measured
   against an exact total passed in by the caller.
 - `svd_to_lora`: a truncated SVD as (up, down, alpha) with the conv shapes kohya uses.
@@ -16,6 +18,7 @@ Conventions: matrices are [..., out, in]; ups [..., out, r]; downs [..., r, in] 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,16 +117,22 @@ def lowrank_fro_norm_sq(ups: Sequence[torch.Tensor] | torch.Tensor, downs: Seque
     return (gram_up * gram_down).sum(dim=(-1, -2)).clamp_min(0.0)
 
 
-def lowrank_fro_norm(ups, downs, weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Exact Frobenius norm of Σ wᵢ·upᵢ@downᵢ (float64)."""
-    return lowrank_fro_norm_sq(ups, downs, weights).sqrt()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Randomized SVD of dense matrices
 
 
-def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+def stable_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from (seed, name) by sha256 (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator_for(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` whose stream depends only on (seed, name): stable across runs and orders."""
+    return _generator(stable_seed(seed, name), device)
+
+
+def _generator(seed: int, device: torch.device | str) -> torch.Generator:
     gen = torch.Generator(device=torch.device(device))
     gen.manual_seed(int(seed))
     return gen
@@ -157,7 +166,7 @@ def randomized_svd(matrix: torch.Tensor, rank: int, *, oversample: int | None = 
     transposed = m < n
     mat = matrix.transpose(-1, -2) if transposed else matrix
     if generator is None:
-        generator = seeded_generator(seed, matrix.device)
+        generator = _generator(seed, matrix.device)
     omega = torch.randn((*mat.shape[:-2], mat.shape[-1], sketch), generator=generator, device=matrix.device,
                         dtype=matrix.dtype)
     q = _orthonormal(mat @ omega)
@@ -173,10 +182,19 @@ def randomized_svd(matrix: torch.Tensor, rank: int, *, oversample: int | None = 
     return result
 
 
-def dense_sq_norm(matrix: torch.Tensor) -> torch.Tensor:
-    """Exact ‖M‖_F² in float64 per batch entry: the reference every retained-energy figure is measured against."""
-    # vector_norm accumulates in float64 without a float64 copy of the matrix (2× faster, half the memory).
-    return torch.linalg.vector_norm(matrix, dim=(-2, -1), dtype=torch.float64).square()
+def dense_sq_norm(matrix: torch.Tensor, block: int = 1 << 22) -> torch.Tensor:
+    """Exact ‖M‖_F² in float64 per batch entry: the reference every retained-energy figure is measured against.
+
+    Accumulated a block of about `block` elements at a time: vector_norm(dtype=float64) converts its whole
+    input to float64 first, which for a large layer (1280×2560×3×3) would be twice the layer's float32 size
+    on top of the peak extraction keeps low. Any tensor of ≥ 2 dims (a 1-D one: reshape(1, -1)).
+    """
+    flat = matrix.reshape(*matrix.shape[:-2], -1)
+    step = max(1, block // max(1, math.prod(flat.shape[:-1])))
+    total = torch.zeros(flat.shape[:-1], dtype=torch.float64, device=matrix.device)
+    for start in range(0, flat.shape[-1], step):
+        total += torch.linalg.vector_norm(flat[..., start:start + step], dim=-1, dtype=torch.float64).square()
+    return total
 
 
 def relative_error(total_energy: torch.Tensor | float, kept: torch.Tensor) -> torch.Tensor:
@@ -195,7 +213,7 @@ def retained(S: torch.Tensor, rank: int, *, total_energy: float | None = None,
              error_sq: float | None = None) -> dict[str, float]:
     """Per-layer figures for keeping the first `rank` of the singular values `S` (1-D, descending).
 
-    fro_retained = ‖M_k‖_F/‖M‖_F and rel_error = ‖M − M_k‖_F/‖M‖_F against `total_energy` = ‖M‖_F² (exact,
+    fro_retained = ‖M_k‖_F/‖M‖_F and relative_error = ‖M − M_k‖_F/‖M‖_F against `total_energy` = ‖M‖_F² (exact,
     from the caller; defaults to Σσ² of S when S is the full spectrum); sum_retained = Σσ_{≤k}/Σσ over S
     (sd-scripts' "sum(S) retained"); max_sv_ratio = σ₀/σ_{k−1} (inf when σ_{k−1} = 0). An all-zero layer
     retains everything with no error. `error_sq` = ‖M − M_k‖² when the caller knows it more accurately
@@ -215,7 +233,7 @@ def retained(S: torch.Tensor, rank: int, *, total_energy: float | None = None,
         fro = 1.0
     s_sum = float(S.sum())
     last = float(kept[-1]) if rank else 0.0
-    return {"fro_retained": fro, "rel_error": err,
+    return {"fro_retained": fro, "relative_error": err,
             "sum_retained": float(kept.sum()) / s_sum if s_sum > 0 else 1.0,
             "max_sv_ratio": float(kept[0]) / last if last > 0 else (1.0 if total == 0 else math.inf)}
 

@@ -22,7 +22,6 @@ approximation with cross terms, kept for compatibility.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,14 +36,17 @@ from library.methods import SIGN_METHODS
 
 
 def stable_seed(seed: int, name: str) -> int:
-    """A 63-bit seed derived from (seed, name) by sha256 (Python's hash() is salted per process)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    """The one per-(seed, name) seed of loratools, library.lowrank.stable_seed (DARE masks and SVD sketches)."""
+    from library import lowrank
+
+    return lowrank.stable_seed(seed, name)
 
 
 def generator_for(seed: int, name: str) -> torch.Generator:
     """A CPU generator whose stream depends only on (seed, name): stable across runs, orders and devices."""
-    return torch.Generator(device="cpu").manual_seed(stable_seed(seed, name))
+    from library import lowrank
+
+    return lowrank.generator_for(seed, name)
 
 
 def dare_mask(shape: Sequence[int], density: float, seed: int, name: str) -> torch.Tensor:

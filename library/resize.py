@@ -1,5 +1,6 @@
 """Resize the adapters of a LoRA file to a new (fixed or per-layer dynamic) rank. Pure maths, no file I/O.
 
+Each module becomes one job of the low-rank engine (library/lowrank_engine.py):
 - LoRA / LoCon / Tucker: the exact factored SVD of (α/r)·up@down (QR of up and downᵀ, SVD of the r×r core),
   batched over layers of equal (out, in·k·k, r). The dense delta is never formed, every singular value is
   exact, so the dynamic rules and the retained-energy figures are exact too.
@@ -15,31 +16,17 @@ save dtype, and the factors use the stored alpha, so (alpha/k)·up@down is the o
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from library.errors import LoraToolsError
-from library.lowrank import (
-    check_rank_settings,
-    dense_sq_norm,
-    factored_svd,
-    is_conv_kernel,
-    randomized_svd,
-    rank_cap,
-    retained,
-    seeded_generator,
-    select_rank,
-    svd_to_lora,
-)
-from library.merge_methods import stable_seed
+from library.lowrank import check_rank_settings, is_conv_kernel, rank_cap
+from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_jobs, summarize
 from networks.base import Adapter
 
-# Stacked factors of one batch stay under this many elements (≈256 MiB in fp32).
-MAX_BATCH_ELEMENTS = 1 << 26
+__all__ = ["ResizeJob", "ResizeSettings", "is_removed", "resize_layers", "summarize"]
 
 
 @dataclass
@@ -50,7 +37,7 @@ class ResizeSettings:
     dynamic_param: float | None = None
     remove_conv: bool = False  # drop k×k conv modules from the output
     remove_linear: bool = False  # drop Linear and 1×1 conv modules from the output
-    oversample: int | None = None  # randomized SVD (dense inputs); None = max(rank, 10)
+    oversample: int | None = None  # randomized SVD (dense inputs); None = lowrank's default
     power_iters: int = 2
     seed: int = 0
     alpha_dtype: torch.dtype = torch.float32  # the dtype alpha will be stored in
@@ -60,6 +47,10 @@ class ResizeSettings:
         check_rank_settings(self.new_rank, self.new_conv_rank, self.dynamic_method, self.dynamic_param)
         if self.remove_conv and self.remove_linear:
             raise LoraToolsError("--remove_conv_dims and --remove_linear_dims together would remove every module")
+
+    def engine(self) -> EngineSettings:
+        return EngineSettings(oversample=self.oversample, power_iters=self.power_iters, seed=self.seed,
+                              alpha_dtype=self.alpha_dtype, device=self.device)
 
 
 @dataclass
@@ -72,13 +63,6 @@ class ResizeJob:
     base_weight: torch.Tensor | None = None  # only for DoRA
 
 
-@dataclass
-class ResizeResult:
-    name: str
-    tensors: dict[str, torch.Tensor]  # kohya suffixes: lora_down.weight, lora_up.weight, alpha (+ diff_b)
-    report: dict
-
-
 def is_removed(job: ResizeJob, settings: ResizeSettings) -> bool:
     conv = is_conv_kernel(job.shape)
     return (settings.remove_conv and conv) or (settings.remove_linear and not conv)
@@ -89,66 +73,47 @@ def uses_factored_route(job: ResizeJob) -> bool:
 
 
 def resize_layers(jobs: Sequence[ResizeJob], settings: ResizeSettings,
-                  on_done: Callable[[ResizeResult], None] | None = None) -> dict[str, ResizeResult]:
-    """Resize every job that is not removed; results by job name, `on_done` called per finished layer."""
+                  on_done: Callable[[LayerResult], None] | None = None) -> dict[str, LayerResult]:
+    """Resize every job that is not removed; results by job name, `on_done` called per finished layer.
+
+    A result's `tensors` are the module's (down, up, alpha, and the input's `diff_b`); its `report` is the
+    engine's schema plus "type" (the input adapter)."""
     kept = [j for j in jobs if not is_removed(j, settings)]
     for job in kept:
         if job.adapter.dora is not None and job.base_weight is None:
             raise LoraToolsError("DoRA module: its effect depends on the base weight; pass --base_model to convert "
                                  "it to a plain LoRA", key=job.name)
-    results: dict[str, ResizeResult] = {}
+    by_name = {job.name: job for job in kept}
 
-    def done(result: ResizeResult) -> None:
-        results[result.name] = result
+    def done(layer: LayerResult) -> None:
+        job = by_name[layer.name]
+        layer.bias = job.adapter.bias_delta
+        layer.info["type"] = job.adapter.describe()
         if on_done:
-            on_done(result)
+            on_done(layer)
 
-    for batch in _batches([j for j in kept if uses_factored_route(j)]):
-        for result in _resize_factored_batch(batch, settings):
-            done(result)
-    for job in kept:
-        if not uses_factored_route(job):
-            done(_resize_dense(job, settings))
-    return results
+    return run_jobs([engine_job(job, settings) for job in kept], settings.engine(), done)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Factored route (LoRA / LoCon / Tucker)
+def engine_job(job: ResizeJob, settings: ResizeSettings) -> LowRankJob:
+    adapter = job.adapter
+    common = dict(name=job.name, shape=tuple(job.shape), max_rank=rank_cap(job.shape, settings),
+                  method=settings.dynamic_method, param=settings.dynamic_param, rank_in=adapter.rank)
+    if uses_factored_route(job):
+        # factors() folds the scale into up (up@down = ΔW); the output keeps alpha/rank (sd-scripts' rule).
+        return LowRankJob(parts=[(adapter, 1.0)], input_rank=adapter.rank, scale=output_scale(adapter.scale),
+                          **common)
+    # Converted types get scale 1 (alpha = k); their delta is formed only when the engine reaches the job.
+    return LowRankJob(dense=lambda: dense_delta(job, settings.device), input_rank=dense_input_rank(adapter), **common)
 
 
-def _batches(jobs: Iterable[ResizeJob]) -> Iterator[list[ResizeJob]]:
-    """Jobs grouped by (out, in·k·k, r) so one batched QR/SVD call serves them all, size-capped."""
-    groups: dict[tuple[int, int, int], list[ResizeJob]] = defaultdict(list)
-    for job in jobs:
-        groups[(job.shape[0], math.prod(job.shape[1:]), int(job.adapter.rank))].append(job)
-    for (out_dim, in_dim, rank), members in groups.items():
-        size = max(1, MAX_BATCH_ELEMENTS // max((out_dim + in_dim) * rank, 1))
-        for start in range(0, len(members), size):
-            yield members[start:start + size]
+def output_scale(scale: float) -> float:
+    """The output's alpha/rank: the input's, made positive (sd-scripts' rule keeps it; a stored alpha is > 0).
 
-
-def _resize_factored_batch(batch: list[ResizeJob], settings: ResizeSettings) -> list[ResizeResult]:
-    pairs = [job.adapter.factors() for job in batch]  # scale folded into up: up@down = ΔW (flattened)
-    ups = torch.stack([u for u, _ in pairs]).to(settings.device)
-    downs = torch.stack([d for _, d in pairs]).to(settings.device)
-    svd = factored_svd(ups, downs)
-    S_all, U_all, Vh_all = svd.S.cpu(), svd.U.cpu(), svd.Vh.cpu()
-    results = []
-    for i, job in enumerate(batch):
-        S = S_all[i]
-        # The factored SVD gives the whole spectrum, so Σσ² is the exact ‖ΔW‖² (no truncated-spectrum bias).
-        total = float(S.double().square().sum())
-        k = select_rank(S, settings.dynamic_method, settings.dynamic_param, max_rank=rank_cap(job.shape, settings),
-                        total_energy=total, input_rank=job.adapter.rank)
-        # The whole spectrum is known: the tail is the exact error (total − kept would cancel near full rank).
-        error_sq = float(S[k:].double().square().sum())
-        results.append(_result(job, U_all[i, :, :k], S[:k], Vh_all[i, :k], S, total, k, error_sq, settings,
-                               "factored"))
-    return results
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Dense route (LoHa / LoKr / full diff / DoRA with its base weight)
+    A negative alpha only flips the sign of ΔW, which the SVD carries in its vectors: |α|/r gives the same
+    delta exactly. (An alpha of 0 never gets here: networks/ reads it as alpha = rank, as kohya does.)
+    """
+    return abs(float(scale))
 
 
 def dense_delta(job: ResizeJob, device: torch.device) -> torch.Tensor:
@@ -165,56 +130,3 @@ def dense_input_rank(adapter: Adapter) -> int | None:
     if adapter.kind == "loha" and getattr(adapter, "t1", None) is None:
         return int(adapter.rank) ** 2
     return None
-
-
-def _resize_dense(job: ResizeJob, settings: ResizeSettings) -> ResizeResult:
-    matrix = dense_delta(job, settings.device)
-    total = float(dense_sq_norm(matrix))
-    cap = min(rank_cap(job.shape, settings), *matrix.shape)
-    bound = dense_input_rank(job.adapter)
-    if bound is not None:
-        cap = min(cap, bound)
-    if settings.dynamic_method == "sv_cumulative":
-        # Σσ (the nuclear norm) has no cheap exact form: take the exact thin SVD for this rule.
-        U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-        route = "dense-exact"
-    else:
-        generator = seeded_generator(stable_seed(settings.seed, job.name), matrix.device)
-        U, S, Vh = randomized_svd(matrix, cap, oversample=settings.oversample, n_iter=settings.power_iters,
-                                  generator=generator)
-        route = "randomized"
-    k = select_rank(S, settings.dynamic_method, settings.dynamic_param, max_rank=cap, total_energy=total,
-                    input_rank=bound)
-    # Measured residual of the rank-k result (one GEMM, cheap next to the SVD): exact even at full rank.
-    matrix -= (U[:, :k] * S[:k]) @ Vh[:k]
-    error_sq = float(dense_sq_norm(matrix))
-    S, U, Vh = S.cpu(), U.cpu(), Vh.cpu()
-    return _result(job, U[:, :k], S[:k], Vh[:k], S, total, k, error_sq, settings, route)
-
-
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _result(job: ResizeJob, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, spectrum: torch.Tensor, total: float,
-            k: int, error_sq: float, settings: ResizeSettings, route: str) -> ResizeResult:
-    adapter = job.adapter
-    # Keep the effective scale: a plain LoRA keeps alpha/rank; converted types get scale 1 (alpha = k).
-    scale = adapter.scale if adapter.kind == "lora" and adapter.dora is None else 1.0
-    up, down, alpha = svd_to_lora(U, S, Vh, job.shape, scale=scale, alpha_dtype=settings.alpha_dtype)
-    tensors = {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(alpha)}
-    if adapter.bias_delta is not None:
-        tensors["diff_b"] = adapter.bias_delta
-    figures = retained(spectrum, k, total_energy=total, error_sq=error_sq)
-    report = {"module": job.name, "type": adapter.describe(), "route": route, "shape": list(job.shape),
-              "old_rank": adapter.rank, "new_rank": k, "alpha": alpha, **figures}
-    return ResizeResult(job.name, tensors, report)
-
-
-def summarize(reports: Sequence[dict]) -> dict:
-    """Mean/min retained Frobenius share and worst relative error over the resized layers."""
-    if not reports:
-        return {"layers": 0}
-    fro = [r["fro_retained"] for r in reports]
-    return {"layers": len(reports), "mean_fro_retained": sum(fro) / len(fro), "min_fro_retained": min(fro),
-            "max_rel_error": max(r["rel_error"] for r in reports),
-            "ranks": sorted({r["new_rank"] for r in reports})}

@@ -88,9 +88,9 @@ def test_low_rank_delta_recovered_and_reported(tmp_path):
         assert err <= 1.01 * best + 1e-7, key
         # the report states the error of the stored factors, computed independently here
         entry = next(e for e in report["layers"] if e["key"] == key)
-        assert entry["rank"] == 4
+        assert entry["rank_out"] == 4
         assert entry["relative_error"] == pytest.approx(err / float(diffs[key].norm()), rel=1e-3, abs=1e-6)
-        assert entry["retained_energy"] == pytest.approx(1 - (err / float(diffs[key].norm())) ** 2, abs=1e-6)
+        assert entry["energy_retained"] == pytest.approx(1 - (err / float(diffs[key].norm())) ** 2, abs=1e-6)
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["summary"]["low_rank_layers"] == 4
 
@@ -258,11 +258,11 @@ def test_dynamic_rank_sv_fro_capped_by_dim(tmp_path):
     report, _, meta = run(tmp_path, base, tuned, "--dim", "16", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9",
                           *COMFY)
     entry = report["layers"][0]
-    assert entry["rank"] == expected
-    assert entry["retained_energy"] >= 0.81 - 1e-6
+    assert entry["rank_out"] == expected
+    assert entry["energy_retained"] >= 0.81 - 1e-6
     report, _, _ = run(tmp_path, base, tuned, "--dim", "2", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9",
                        *COMFY, out="capped.safetensors")
-    assert report["layers"][0]["rank"] == 2
+    assert report["layers"][0]["rank_out"] == 2
 
 
 def test_cli_error_is_one_line_with_exit_status_2(tmp_path, capsys):
@@ -356,7 +356,7 @@ class _HeaderOnly:
 def test_family_mismatch_and_flag_checks_are_clear_errors():
     import argparse
 
-    from library.extract_output import _detect_family
+    from library.extract.output import _detect_family
     from library.formats import FAMILIES
 
     sdxl = _HeaderOnly(dict(FAMILIES["sdxl"].table.shapes), "sdxl.safetensors")
@@ -380,3 +380,52 @@ def test_load_precision_casts_before_subtracting(tmp_path):
     b, t = load_tensors(base)[0][key], load_tensors(tuned)[0][key]
     expected = t.bfloat16().float() - b.bfloat16().float()  # sd-scripts: both models loaded in that dtype
     assert torch.equal(tensors["diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.diff"], expected)
+
+
+def shard(path, tensors, shards):
+    """Write `tensors` as a diffusers-style sharded folder (`shards`: key lists, one per shard file)."""
+    path.mkdir()
+    weight_map = {}
+    for i, keys in enumerate(shards, 1):
+        name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_tensors(path / name, {k: tensors[k] for k in keys})
+        weight_map.update({k: name for k in keys})
+    (path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return str(path)
+
+
+def test_sharded_folders_extract_like_single_files(tmp_path):
+    shapes = {ATTN + "attn1.to_q.weight": (64, 64), ATTN + "attn2.to_k.weight": (64, 128),
+              ATTN + "ff.net.2.weight": (64, 256)}
+    base, tuned, diffs = make_pair(tmp_path, shapes, rank=3)
+    keys = list(shapes)
+    split = [keys[:1], keys[1:]]
+    sharded = [shard(tmp_path / name, load_tensors(path)[0], split) for name, path in (("b", base), ("t", tuned))]
+    _, single, _ = run(tmp_path, base, tuned, "--dim", "3", *COMFY, out="single.safetensors")
+    _, tensors, meta = run(tmp_path, *sharded, "--dim", "3", *COMFY, out="sharded.safetensors")
+    assert tensors.keys() == single.keys()
+    for key, value in tensors.items():
+        assert torch.equal(value, single[key]), key
+    hashed = json.loads(meta["loratools.inputs"])
+    assert set(hashed) == {"diffusion_pytorch_model-00001-of-00002.safetensors",
+                           "diffusion_pytorch_model-00002-of-00002.safetensors"}
+
+
+def test_nonfinite_weights_are_refused_naming_file_and_count(tmp_path, capsys):
+    from library.cli import run_cli
+
+    shapes = {ATTN + f"attn1.to_{x}.weight": (32, 32) for x in "qkv"} | {ATTN + "ff.net.2.weight": (32, 64)}
+    base, tuned, _ = make_pair(tmp_path, shapes, rank=2)
+    tensors = load_tensors(tuned)[0]
+    bad = [ATTN + "attn1.to_k.weight", ATTN + "ff.net.2.weight"]
+    tensors[bad[0]][0, 0] = float("nan")
+    tensors[bad[1]][1, 2] = float("-inf")
+    save_tensors(tuned, tensors, overwrite=True)
+    out = tmp_path / "lora.safetensors"
+    with pytest.raises(SystemExit) as info:
+        run_cli(script.setup_parser, script.main, ["--model_org", base, "--model_tuned", tuned, "--save_to", str(out),
+                                                   "--dim", "2", "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress bar
+    assert info.value.code == 2 and not out.exists() and len(lines) == 1
+    assert lines[0].endswith(f"{tuned}: 2 tensor(s) contain NaN or inf: {bad[0]}, {bad[1]}; a low-rank decomposition "
+                              "of such a layer is undefined (repair or drop these modules)")

@@ -90,7 +90,7 @@ def test_report_is_written_atomically_beside_the_output(tmp_path, capsys):
                         ["--model", str(src), "--new_rank", "2", "--save_to", str(out), "--report", str(report),
                          "--device", "cpu", "--family", "sd1"])
     data = json.loads(report.read_text())
-    assert data["output"] == str(out) and data["layers"][0]["new_rank"] == 2
+    assert data["output"] == str(out) and data["layers"][0]["rank_out"] == 2
     assert temp_files(tmp_path) == []
 
 

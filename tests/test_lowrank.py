@@ -202,13 +202,13 @@ def test_select_rank_caps_and_edge_cases():
 def test_retained_figures():
     s = torch.tensor([4.0, 3.0])
     figures = retained(s, 1, total_energy=25.0)
-    assert math.isclose(figures["fro_retained"], 4 / 5) and math.isclose(figures["rel_error"], 3 / 5)
+    assert math.isclose(figures["fro_retained"], 4 / 5) and math.isclose(figures["relative_error"], 3 / 5)
     assert math.isclose(figures["sum_retained"], 4 / 7) and figures["max_sv_ratio"] == 1.0
-    assert math.isclose(retained(s, 2)["max_sv_ratio"], 4 / 3) and retained(s, 2)["rel_error"] == 0.0
+    assert math.isclose(retained(s, 2)["max_sv_ratio"], 4 / 3) and retained(s, 2)["relative_error"] == 0.0
     # Against a larger exact total (truncated spectrum) the retained share is smaller.
     assert math.isclose(retained(s, 2, total_energy=100.0)["fro_retained"], 0.5)
     zero = retained(torch.zeros(3), 1)
-    assert zero["fro_retained"] == 1.0 and zero["rel_error"] == 0.0
+    assert zero["fro_retained"] == 1.0 and zero["relative_error"] == 0.0
 
 
 def test_svd_to_lora_linear_and_conv_reconstruct_the_truncation():
@@ -247,3 +247,106 @@ def test_clamp_quantile_matches_torch_quantile():
     assert torch.equal(cu, up.clamp(-hi, hi)) and torch.equal(cd, down.clamp(-hi, hi))
     with pytest.raises(LoraToolsError):
         clamp_quantile(up, down, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one seed function and the one engine (library/lowrank_engine.py)
+
+
+def test_stable_seed_is_sha256_of_seed_and_name_and_merge_methods_uses_it():
+    import hashlib
+
+    from library import merge_methods
+    from library.lowrank import generator_for, stable_seed
+
+    expected = int.from_bytes(hashlib.sha256(b"7:lora_unet_x").digest()[:8], "little") & ((1 << 63) - 1)
+    assert stable_seed(7, "lora_unet_x") == expected == merge_methods.stable_seed(7, "lora_unet_x")
+    a = torch.rand(5, generator=generator_for(7, "lora_unet_x"))
+    b = torch.rand(5, generator=torch.Generator().manual_seed(expected))
+    assert torch.equal(a, b)
+
+
+def test_dense_sq_norm_is_blocked_and_exact():
+    from library.lowrank import dense_sq_norm
+
+    x = torch.randn(3, 50, 70, generator=gen(1))
+    want = x.double().square().sum(dim=(-1, -2))
+    assert torch.allclose(dense_sq_norm(x, block=64), want, rtol=1e-12)
+    assert torch.allclose(dense_sq_norm(x), want, rtol=1e-12)
+
+
+def engine_parts(seed, out=60, inp=50, ranks=(3, 5)):
+    from library.lowrank_engine import Factors
+
+    g = gen(seed)
+    return [(Factors(torch.randn(out, r, generator=g), torch.randn(r, inp, generator=g)), w)
+            for r, w in zip(ranks, (0.7, -1.3))]
+
+
+def test_engine_routes_agree_and_report_one_schema():
+    from library.lowrank_engine import EngineSettings, LowRankJob, run_jobs, summarize
+
+    parts = engine_parts(3)
+    dense = sum(w * (p.up.double() @ p.down.double()) for p, w in parts)
+    S = torch.linalg.svdvals(dense)
+    jobs = [LowRankJob("f", (60, 50), 4, parts=parts),
+            LowRankJob("d", (60, 50), 4, dense=dense.float()),
+            LowRankJob("e", (60, 50), 4, dense=lambda: dense.float())]
+    results = run_jobs(jobs, EngineSettings(exact_dense=False))
+    results.update(run_jobs(jobs[2:], EngineSettings(exact_dense=True)))
+    assert [results[n].route for n in "fde"] == ["factored", "dense/randomized", "dense/exact"]
+    optimal = float(S[4:].norm() / S.norm())
+    for name in "fde":
+        r = results[name]
+        got = r.alpha / 4 * r.up.double() @ r.down.double()
+        assert r.alpha == 4.0 and r.rank == 4
+        err = float((dense - got).norm() / dense.norm())
+        assert err == pytest.approx(optimal, rel=1e-4)
+        report = r.report
+        assert report["relative_error"] == pytest.approx(err, rel=1e-4)
+        assert report["energy_retained"] == pytest.approx(float(S[:4].square().sum() / S.square().sum()), rel=1e-5)
+        assert report["fro_retained"] == pytest.approx(float(S[:4].norm() / S.norm()), rel=1e-5)
+        assert report["rank_out"] == 4 and report["target"] == name
+    assert results["f"].report["rank_in"] == 8 and results["d"].report["rank_in"] is None
+    summary = summarize([results[n].report for n in "fde"])
+    assert summary["layers"] == 3 and summary["ranks"] == [4]
+    assert summary["routes"] == {"factored": 1, "dense/randomized": 1, "dense/exact": 1}
+    assert summary["relative_error_max"] == max(results[n].relative_error for n in "fde")
+
+
+def test_engine_dense_job_leaves_the_matrix_unless_scratch():
+    from library.lowrank_engine import EngineSettings, LowRankJob, run_dense
+
+    matrix = torch.randn(40, 30, generator=gen(4))
+    keep = matrix.clone()
+    run_dense(LowRankJob("m", (40, 30), 3, dense=matrix), EngineSettings())
+    assert torch.equal(matrix, keep)
+    result = run_dense(LowRankJob("m", (40, 30), 3, dense=matrix, scratch=True), EngineSettings())
+    residual = keep.double() - result.alpha / 3 * result.up.double() @ result.down.double()
+    assert torch.allclose(matrix.double(), residual, atol=1e-5)  # the residual was formed in place
+
+
+def test_engine_sketch_is_seeded_by_seed_and_name_only():
+    from library.lowrank_engine import EngineSettings, LowRankJob, run_jobs
+
+    matrix = torch.randn(80, 70, generator=gen(5))
+    one = run_jobs([LowRankJob("a", (80, 70), 5, dense=matrix)], EngineSettings(seed=3, power_iters=0))["a"]
+    other = LowRankJob("b", (80, 70), 5, dense=torch.randn(80, 70, generator=gen(6)))
+    both = run_jobs([other, LowRankJob("a", (80, 70), 5, dense=matrix)], EngineSettings(seed=3, power_iters=0))["a"]
+    renamed = run_jobs([LowRankJob("a", (80, 70), 5, dense=matrix, seed_name="z")],
+                       EngineSettings(seed=3, power_iters=0))["a"]
+    assert torch.equal(one.up, both.up) and not torch.equal(one.up, renamed.up)
+
+
+@pytest.mark.parametrize("route", ["factored", "dense"])
+def test_engine_refuses_nonfinite_layers_by_name(route):
+    from library.lowrank_engine import EngineSettings, Factors, LowRankJob, run_jobs
+
+    up, down = torch.randn(20, 2, generator=gen(7)), torch.randn(2, 10, generator=gen(8))
+    down[1, 3] = float("inf")
+    clean = LowRankJob("clean", (20, 10), 2, parts=[(Factors(up.clone(), down.nan_to_num(posinf=0.0)), 1.0)])
+    job = (LowRankJob("bad", (20, 10), 2, parts=[(Factors(up, down), 1.0)]) if route == "factored"
+           else LowRankJob("bad", (20, 10), 2, dense=up @ down))
+    with pytest.raises(LoraToolsError, match="NaN or inf") as info:
+        run_jobs([clean, job], EngineSettings())
+    assert info.value.key == "bad"

@@ -82,9 +82,9 @@ def test_fixed_rank_is_the_optimal_truncation_and_keeps_the_scale():
         got = alpha / 3 * out["lora_up.weight"].reshape(shape[0], 3).double() @ out["lora_down.weight"].reshape(3, -1).double()
         assert float((got - optimal).norm() / optimal.norm()) < 1e-5
         report = results[name].report
-        assert report["old_rank"] == 8 and report["new_rank"] == 3
+        assert report["rank_in"] == 8 and report["rank_out"] == 3
         assert report["fro_retained"] == pytest.approx(float(S[:3].norm() / S.norm()), rel=1e-5)
-        assert report["rel_error"] == pytest.approx(float(S[3:].norm() / S.norm()), rel=1e-4)
+        assert report["relative_error"] == pytest.approx(float(S[3:].norm() / S.norm()), rel=1e-4)
         assert report["max_sv_ratio"] == pytest.approx(float(S[0] / S[2]), rel=1e-5)
 
 
@@ -100,7 +100,7 @@ def test_batched_layers_match_one_at_a_time():
 
 def test_rank_is_never_raised_above_the_input():
     result = run([job(LINEAR, lora_tensors(64, 64, 4, 4, 5), (64, 64))], new_rank=16)[LINEAR]
-    assert result.tensors["lora_down.weight"].shape[0] == 4 and result.report["rel_error"] < 1e-5
+    assert result.tensors["lora_down.weight"].shape[0] == 4 and result.report["relative_error"] < 1e-5
 
 
 def expected_dynamic_rank(s, method, p, cap):
@@ -137,7 +137,7 @@ def test_dynamic_methods_pick_the_formula_rank(method, param, spectrum):
     s = SPECTRA[spectrum]
     tensors = lora_with_spectrum(48, 40, s, alpha=2.0 * len(s))  # scale 2: exact in binary
     result = run([job(LINEAR, tensors, (48, 40))], new_rank=5, dynamic_method=method, dynamic_param=param)[LINEAR]
-    assert result.report["new_rank"] == expected_dynamic_rank(s, method, param, cap=5)
+    assert result.report["rank_out"] == expected_dynamic_rank(s, method, param, cap=5)
 
 
 def test_all_zero_layer_keeps_a_zero_rank_one_pair():
@@ -146,9 +146,9 @@ def test_all_zero_layer_keeps_a_zero_rank_one_pair():
         result = run([job(LINEAR, tensors, (48, 40))], new_rank=3, dynamic_method=method,
                      dynamic_param=None if method is None else 0.9)[LINEAR]
         expected = 3 if method is None else 1
-        assert result.report["new_rank"] == expected
+        assert result.report["rank_out"] == expected
         assert float(result.tensors["lora_up.weight"].abs().sum()) == 0.0
-        assert result.report["fro_retained"] == 1.0 and result.report["rel_error"] == 0.0
+        assert result.report["fro_retained"] == 1.0 and result.report["relative_error"] == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -181,10 +181,10 @@ def test_loha_becomes_a_near_optimal_plain_lora():
     S = torch.linalg.svdvals(dense)
     err = float((dense - out["lora_up.weight"].double() @ out["lora_down.weight"].double()).norm())
     assert err <= 1.01 * float(S[6:].norm())
-    assert result.report["rel_error"] == pytest.approx(err / float(dense.norm()), rel=1e-3)
+    assert result.report["relative_error"] == pytest.approx(err / float(dense.norm()), rel=1e-3)
     # rank ≤ r² = 16: a larger request stops there, and is then exact.
     full = run([job(LINEAR, tensors, (96, 80))], new_rank=40)[LINEAR]
-    assert full.report["new_rank"] == 16 and full.report["rel_error"] < 1e-4
+    assert full.report["rank_out"] == 16 and full.report["relative_error"] < 1e-4
 
 
 def test_lokr_conv_becomes_a_plain_locon():
@@ -253,7 +253,7 @@ def test_new_conv_rank_applies_to_kxk_convs_only():
     jobs = [job(LINEAR, lora_tensors(64, 64, 8, 4, 1), (64, 64)),
             job(CONV, lora_tensors(32, 32, 8, 4, 2, kernel=(3, 3)), (32, 32, 3, 3))]
     results = run(jobs, new_rank=2, new_conv_rank=5)
-    assert results[LINEAR].report["new_rank"] == 2 and results[CONV].report["new_rank"] == 5
+    assert results[LINEAR].report["rank_out"] == 2 and results[CONV].report["rank_out"] == 5
     assert math.isclose(float(results[CONV].tensors["alpha"]), 4 / 8 * 5)
 
 
@@ -334,7 +334,7 @@ def test_script_dynamic_and_refusals(tmp_path):
     out, meta = load_tensors(str(dst))
     assert all(t.dtype == torch.float32 for t in out.values())
     assert meta["ss_training_comment"].startswith("Dynamic resize with sv_fro: 0.5 from 8; ")
-    assert all(1 <= layer["new_rank"] <= 6 for layer in result["layers"])
+    assert all(1 <= layer["rank_out"] <= 6 for layer in result["layers"])
     with pytest.raises(LoraToolsError):  # never overwrite the input
         run_script(["--model", str(src), "--save_to", str(src), "--family", "sdxl", "--overwrite"])
     with pytest.raises(LoraToolsError):
@@ -362,17 +362,55 @@ def test_script_real_lokr_file(tmp_path):
     src, dst = tmp_path / "lokr.safetensors", tmp_path / "out.safetensors"
     save_tensors(str(src), subset, meta)
     result = run_script(["--model", str(src), "--save_to", str(dst), "--new_rank", "8", "--device", "cpu", "--family", "sd1"])
-    assert result["summary"]["layers"] == 3 and all(r["new_rank"] == 8 for r in result["layers"])
-    assert {r["route"] for r in result["layers"]} == {"randomized"}
+    assert result["summary"]["layers"] == 3 and all(r["rank_out"] == 8 for r in result["layers"])
+    assert {r["route"] for r in result["layers"]} == {"dense/randomized"}
     out, out_meta = load_tensors(str(dst))
     assert out_meta["ss_network_dim"] == "8" and any(k.endswith("lora_up.weight") for k in out)
     # Each layer: the written LoRA is within 2% of the optimal rank-8 error of the real LoKr delta.
     for r in result["layers"]:
-        adapter = adapter_from_tensors({s: subset[f"{r['module']}.{s}"] for s in
-                                        ("alpha", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")}, r["module"])
+        adapter = adapter_from_tensors({s: subset[f"{r['target']}.{s}"] for s in
+                                        ("alpha", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")}, r["target"])
         dense = adapter.delta(tuple(r["shape"])).double().reshape(r["shape"][0], -1)
         S = torch.linalg.svdvals(dense)
-        up = out[f"{r['module']}.lora_up.weight"].double().reshape(r["shape"][0], 8)
-        down = out[f"{r['module']}.lora_down.weight"].double().reshape(8, -1)
-        err = float((dense - float(out[f"{r['module']}.alpha"]) / 8 * up @ down).norm())
+        up = out[f"{r['target']}.lora_up.weight"].double().reshape(r["shape"][0], 8)
+        down = out[f"{r['target']}.lora_down.weight"].double().reshape(8, -1)
+        err = float((dense - float(out[f"{r['target']}.alpha"]) / 8 * up @ down).norm())
         assert err <= 1.02 * float(S[8:].norm()) + 1e-6 * float(S[0])
+
+
+def run_cli_lines(argv, capsys):
+    """resize_lora.py through run_cli: (exit status, stderr lines)."""
+    import resize_lora
+    from library.cli import run_cli
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(resize_lora.setup_parser, resize_lora.main, argv)
+    return info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_script_refuses_nonfinite_tensors_naming_file_and_tensors(tmp_path, capsys):
+    formats_or_skip()
+    from library.safetensors_io import save_tensors
+
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    tensors = write_sdxl_lora(src)
+    names = list(SDXL_FILE_MODULES)
+    tensors[f"{names[0]}.lora_up.weight"][3, 1] = float("nan")
+    tensors[f"{names[2]}.lora_down.weight"][0, 0, 1, 1] = float("inf")
+    save_tensors(str(src), tensors, {"ss_base_model_version": "sdxl_base_v1-0"}, overwrite=True)
+    code, lines = run_cli_lines(["--model", str(src), "--save_to", str(dst), "--new_rank", "4"], capsys)
+    assert code == 2 and len(lines) == 1 and not dst.exists()
+    assert lines[0].endswith(f"{src}: 2 tensor(s) contain NaN or inf: {names[0]}.lora_up.weight, "
+                             f"{names[2]}.lora_down.weight; a low-rank decomposition of such a layer is undefined "
+                             "(repair or drop these modules)")
+
+
+def test_negative_alpha_gives_the_same_delta_with_a_positive_alpha():
+    tensors = lora_tensors(48, 40, 6, -3.0, 11)
+    dense = delta64(tensors)  # (−3/6)·up@down
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    optimal = (U[:, :4] * S[:4]) @ Vh[:4]
+    out = run([job(LINEAR, tensors, (48, 40))], new_rank=4)[LINEAR].tensors
+    assert float(out["alpha"]) == pytest.approx(3.0 / 6 * 4)  # |alpha|/rank kept
+    got = float(out["alpha"]) / 4 * out["lora_up.weight"].double() @ out["lora_down.weight"].double()
+    assert float((got - optimal).norm() / optimal.norm()) < 1e-5

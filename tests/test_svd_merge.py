@@ -86,7 +86,7 @@ def test_add_full_rank_reproduces_weighted_sum_with_different_ranks_alphas_and_n
         assert r.report["route"] == "factored"
         assert r.report["rank_in"] == 28 and r.report["rank_out"] == 28
         assert rel(result64(r), exact) < 1e-5, name
-        assert r.report["rel_error"] < 1e-5
+        assert r.report["relative_error"] < 1e-5
         # alpha = rank, so a loader's scale alpha/rank is exactly 1
         assert r.alpha == 28.0
     conv = results[CONV]
@@ -107,7 +107,7 @@ def test_add_low_rank_is_the_optimal_truncation_of_the_dense_sum(k):
         assert rel(got, best) < 1e-4, name
         # The reported error is the Eckart–Young tail, i.e. the true distance to the exact merge.
         true_err = rel(got, exact)
-        assert results[name].report["rel_error"] == pytest.approx(true_err, rel=1e-4, abs=1e-6)
+        assert results[name].report["relative_error"] == pytest.approx(true_err, rel=1e-4, abs=1e-6)
         U, S, Vh = torch.linalg.svd(exact)
         assert results[name].report["energy_retained"] == pytest.approx(float(S[:k].square().sum() / S.square().sum()),
                                                                         rel=1e-5)
@@ -150,7 +150,7 @@ def test_loha_input_goes_through_the_dense_route_with_reported_error():
         r = merge_layers([job(FC1, [loha, lora], [0.6, 1.0])], MergeSettings(new_rank=k, seed=3))[FC1]
         assert r.report["route"].startswith("dense")
         got = result64(r)
-        assert r.report["rel_error"] == pytest.approx(rel(got, exact), rel=1e-3, abs=1e-6)
+        assert r.report["relative_error"] == pytest.approx(rel(got, exact), rel=1e-3, abs=1e-6)
         # Randomized SVD with oversampling and power iterations: within 1 % of the optimal error.
         best = rel(truncated(exact, k), exact)
         assert rel(got, exact) <= best * 1.01 + 1e-6
@@ -207,7 +207,7 @@ def test_clamp_quantile_is_off_by_default_and_its_error_is_reported_exactly():
     clamped = merge_layers([job(K2, ts, [1, 1])], MergeSettings(new_rank=16, clamp_quantile=0.9))[K2]
     err = rel(result64(clamped), exact)
     assert err > 1e-3  # the clamp really changed something...
-    assert clamped.report["rel_error"] == pytest.approx(err, rel=1e-4)  # ...and the report says how much
+    assert clamped.report["relative_error"] == pytest.approx(err, rel=1e-4)  # ...and the report says how much
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def test_low_rank_element_wise_merge_is_near_optimal_and_reports_its_error():
     merged = merged_delta(job(FF, ts, [1, 1, 1]), settings).double()
     r = merge_layers([job(FF, ts, [1, 1, 1])], settings)[FF]
     got = result64(r)
-    assert r.report["rel_error"] == pytest.approx(rel(got, merged), rel=1e-4)
+    assert r.report["relative_error"] == pytest.approx(rel(got, merged), rel=1e-4)
     assert rel(got, merged) <= rel(truncated(merged, 8), merged) * 1.01
 
 

@@ -81,7 +81,7 @@ def test_add_full_rank_is_exact_and_low_rank_is_optimal(tmp_path):
     name = modules[-1].name  # lora_te1_text_model_encoder_layers_0_self_attn_q_proj
     entry = next(e for t, e in layers.items() if t.endswith("text_model.encoder.layers.0.self_attn.q_proj.weight"))
     exact = merged64(inputs, ratios, name)
-    assert entry["rel_error"] == pytest.approx(rel(dense_delta(tensors, name), exact), rel=1e-3)
+    assert entry["relative_error"] == pytest.approx(rel(dense_delta(tensors, name), exact), rel=1e-3)
 
 
 def test_other_output_format_holds_the_same_deltas(tmp_path):
@@ -133,7 +133,7 @@ def test_loha_input_and_reported_error(tmp_path):
         projection = m.name.rsplit("_", 1)[1]  # q or k
         canonical = f"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_{projection}.weight"
         entry = next(e for e in layers if e["target"] == canonical)
-        assert entry["rel_error"] == pytest.approx(err, rel=1e-3)
+        assert entry["relative_error"] == pytest.approx(err, rel=1e-3)
 
 
 def test_dare_is_seeded_per_layer_and_input(tmp_path):
@@ -232,7 +232,7 @@ def test_exit_status_2_and_one_line(tmp_path, capsys):
 def test_fused_slice_adapter_and_bias_only_modules():
     from library.formats.types import Target
     from library.lora_combine import Group, Term
-    from library.svd_merge_plan import jobs_from_groups
+    from library.svd_merge_io import jobs_from_groups
     from networks import FullDiffAdapter, adapter_from_tensors
 
     # A LoRA on rows 4:8 of a 12-row fused weight is the same LoRA with zero rows elsewhere, bias included.
@@ -254,3 +254,21 @@ def test_fused_slice_adapter_and_bias_only_modules():
     only_bias = Term(FullDiffAdapter(None, bias_delta=torch.randn(12)), 1.0, (0, 12), "f: norm")
     with pytest.raises(LoraToolsError, match="bias"):
         jobs_from_groups([Group(target, [only_bias])], 1)
+
+
+def test_nonfinite_input_is_refused_naming_the_file(tmp_path, capsys):
+    from library.cli import run_cli
+    from svd_merge_lora import main, setup_parser
+
+    modules, (a, b), (pa, pb) = sdxl_pair(tmp_path)
+    key = next(k for k in b if k.endswith("lora_down.weight"))
+    b[key] = b[key].clone()
+    b[key][0, 0] = float("nan")
+    write_lora(pb, b, kohya_metadata("sdxl", 16))
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(SystemExit) as info:
+        run_cli(setup_parser, main, ["--models", pa, pb, "--new_rank", "4", "--save_to", str(out), "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and not out.exists()
+    assert lines[0].endswith(f"{pb}: 1 tensor(s) contain NaN or inf: {key}; a low-rank decomposition of such a layer "
+                             "is undefined (repair or drop these modules)")

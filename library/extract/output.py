@@ -1,28 +1,38 @@
 """Naming and metadata of an extracted LoRA: which keys get a module, what it is called, what goes in the header.
 
 Generic naming (`--format peft|comfy`, or any model of no known family) names modules after the
-checkpoint keys (`library/extract_naming.py`). Family naming (kohya, diffusers, ai-toolkit, comfy for
+checkpoint keys (`library/extract/naming.py`). Family naming (kohya, diffusers, ai-toolkit, comfy for
 SD1/SD2/SDXL/Flux) asks `library.formats` for the canonical target of each checkpoint key and writes
 the modules through its writers, so extracted files use exactly the names our converter reads.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from library.errors import AmbiguousFamilyError, LoraToolsError
-from library.extract import ExtractOptions, LayerResult
-from library.extract_naming import GENERIC_STYLES, generic_tensors, module_name, peft_adapter_metadata
-from library.extract_pairs import CheckpointPair
-from library.metadata import lora_metadata, minimal_metadata, provenance
+from library.extract.layers import ExtractedLayer, ExtractOptions
+from library.extract.naming import GENERIC_STYLES, Naming, generic_tensors, module_name, peft_adapter_metadata
+from library.extract.pairs import CheckpointPair
+from library.metadata import lora_metadata, minimal_metadata
 
-FAMILY_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
 OUTPUT_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy", "peft")
-SCRIPT = "extract_lora_from_models.py"
+
+
+@dataclass
+class NamingOptions:
+    """How output modules are named (the script's --format, --family, --prefix_model, --prefix_lora, --v2, --sdxl)."""
+
+    format: str | None = None
+    family: str | None = None
+    prefix_model: str = ""
+    prefix_lora: str | None = None
+    v2: bool = False  # checked against detection
+    sdxl: bool = False
 
 
 class GenericNaming:
@@ -54,7 +64,7 @@ class GenericNaming:
     def describe(self) -> str:
         return f"generic {self.style} naming"
 
-    def tensors(self, results: Sequence[LayerResult]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def tensors(self, results: Sequence[ExtractedLayer]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         out: dict[str, torch.Tensor] = {}
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for result in results:
@@ -72,39 +82,39 @@ class GenericNaming:
         return out, extra
 
 
-def choose_naming(pair: CheckpointPair, args: argparse.Namespace):
+def choose_naming(pair: CheckpointPair, opts: NamingOptions) -> Naming:
     """Generic naming for --format peft (and comfy with explicit prefixes or no family); else the family's."""
-    fmt = args.format
-    family = _detect_family(pair, args)
+    fmt = opts.format
+    family = _detect_family(pair, opts)
     if fmt == "peft" or (family is None and fmt in (None, "comfy")):
         if family is None and fmt is None:
             print("no known model family detected: writing generic PEFT-style names (lora_A/lora_B)")
-        return GenericNaming(fmt or "peft", args.prefix_model, args.prefix_lora)
-    if fmt == "comfy" and args.prefix_lora is not None:
-        return GenericNaming("comfy", args.prefix_model, args.prefix_lora)
+        return GenericNaming(fmt or "peft", opts.prefix_model, opts.prefix_lora)
+    if fmt == "comfy" and opts.prefix_lora is not None:
+        return GenericNaming("comfy", opts.prefix_model, opts.prefix_lora)
     if family is None:
         raise LoraToolsError(f"--format {fmt} needs a known model family, and none was detected; use --format peft "
                              "or comfy, or name it with --family", file=pair.base_path)
-    from library.extract_family import FamilyNaming
+    from library.extract.family import FamilyNaming
 
     return FamilyNaming(pair, family, fmt or "kohya")
 
 
-def _detect_family(pair: CheckpointPair, args: argparse.Namespace) -> str | None:
+def _detect_family(pair: CheckpointPair, opts: NamingOptions) -> str | None:
     """The family of both checkpoints (they must agree), checked against --v2 / --sdxl / --family."""
     from library.formats import FAMILIES, detect_checkpoint_family
 
-    if args.family:
-        if args.family not in FAMILIES:
-            raise LoraToolsError(f"unknown --family {args.family!r}; known: {', '.join(FAMILIES)}")
-        return args.family
+    if opts.family:
+        if opts.family not in FAMILIES:
+            raise LoraToolsError(f"unknown --family {opts.family!r}; known: {', '.join(FAMILIES)}")
+        return opts.family
     base = _detect_one(detect_checkpoint_family, pair.base, pair.base_path)
     tuned = _detect_one(detect_checkpoint_family, pair.tuned, pair.tuned_path)
     if base != tuned:
         raise LoraToolsError(f"the base model is {base or 'of no known family'} but the tuned model is "
                              f"{tuned or 'of no known family'}; extraction needs two checkpoints of the same model",
                              file=pair.tuned_path)
-    expected = "sdxl" if getattr(args, "sdxl", False) else "sd2" if getattr(args, "v2", False) else None
+    expected = "sdxl" if opts.sdxl else "sd2" if opts.v2 else None
     if expected and base != expected:
         raise LoraToolsError(f"--{'sdxl' if expected == 'sdxl' else 'v2'} was given but the checkpoint is "
                              f"{base or 'of no known family'}", file=pair.base_path)
@@ -120,8 +130,12 @@ def _detect_one(detect, reader, path: str) -> str | None:
         return None
 
 
-def output_tensors_and_metadata(results: Sequence[LayerResult], naming, options: ExtractOptions,
-                                args: argparse.Namespace, save_to: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def output_tensors_and_metadata(results: Sequence[ExtractedLayer], naming: Naming, options: ExtractOptions, save_to: str, *,
+                                v_parameterization: bool = False, minimal: bool = False,
+                                provenance: Mapping[str, str] | None = None,
+                                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The output tensors and header: dims/alphas, module type, family facts; `minimal` keeps only what loaders
+    need (--no_metadata), otherwise `provenance` (metadata.provenance of the run) is recorded too."""
     tensors, extra = naming.tensors(results)
     low = [r for r in results if r.rank is not None]
     network_args = {}
@@ -134,10 +148,10 @@ def output_tensors_and_metadata(results: Sequence[LayerResult], naming, options:
     meta = lora_metadata(None, family=naming.family, ranks=[r.rank for r in low] or [0],
                          alphas=[float(r.tensors["alpha"]) for r in low] or [0],
                          save_to=save_to, network_module=extra.pop("ss_network_module", None), extra=extra)
-    if getattr(args, "v_parameterization", False) and naming.family == "sd2":
+    if v_parameterization and naming.family == "sd2":
         meta["ss_base_model_version"] = "sd_v2_v"
         meta["ss_v2"] = "True"
-    if args.no_metadata:
+    if minimal:
         return tensors, minimal_metadata(meta)
-    meta.update(provenance(SCRIPT, args, [args.model_org, args.model_tuned], seed=args.seed))
+    meta.update(provenance or {})
     return tensors, meta

@@ -39,6 +39,12 @@ def read_tensor(reader: LazyReader | ShardedReader, key: str, *, mmap: bool = Fa
     return tensor
 
 
+def reader_files(reader: LazyReader | ShardedReader) -> list[str]:
+    if isinstance(reader, ShardedReader):
+        return [shard.path for shard in reader.readers.values()]
+    return [reader.path]
+
+
 def first_keys(keys: Sequence[str], count: int = PREVIEW_KEYS) -> str:
     shown = ", ".join(keys[:count])
     return shown + (f", ... ({len(keys)} keys)" if len(keys) > count else "")
@@ -114,6 +120,10 @@ class CheckpointPair:
         base_set = set(base_keys)
         return PairMatch(common=common, only_base=[k for k in base_keys if k not in tuned_set],
                          only_tuned=[k for k in tuned_keys if k not in base_set])
+
+    def files(self) -> list[str]:
+        """Every file the pair reads (a sharded checkpoint's shards, not its folder): what provenance hashes."""
+        return [path for reader in (self.base, self.tuned) for path in reader_files(reader)]
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.base.shape(key))

@@ -1,4 +1,10 @@
-"""Output names of an extracted LoRA when no model family is involved (generic mode, ComfyUI prefixes).
+"""Output names of an extracted LoRA: the `Naming` protocol every naming follows, and the generic names.
+
+`Naming` (implemented by output.GenericNaming and family.FamilyNaming): the script asks it which keys it
+can name (`prepare`, `accepts`, `rejected`), what each key becomes (`targets_of`: output module name,
+row slice, canonical target), and finally the output tensors (`tensors`); `family` goes into the header.
+
+Generic names, when no model family is involved (generic mode, ComfyUI prefixes):
 
 A module is named after the checkpoint key it was extracted from: `--prefix_lora` + the key with
 `--prefix_model` and the trailing `.weight`/`.bias` removed, as ComfyUI's "Extract and Save Lora" does.
@@ -17,12 +23,40 @@ has no such tensors and ComfyUI's loader reads exactly these.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+if TYPE_CHECKING:
+    from library.extract.layers import ExtractedLayer
+
 GENERIC_STYLES = ("peft", "comfy")
 _PEFT_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+
+
+class Naming(Protocol):
+    """How an extraction names its output (see the module docstring)."""
+
+    family: str | None  # the model family written into the header (None: generic names)
+
+    def prepare(self, keys: Sequence[str]) -> None:
+        """Look up what the naming needs about the common keys of both checkpoints (once, before planning)."""
+
+    def accepts(self, key: str) -> bool:
+        """Whether the key gets an output module at all."""
+
+    def rejected(self, keys: Sequence[str]) -> list[tuple[str, str]]:
+        """(key, reason) for the keys `accepts` refuses, for the report."""
+
+    def targets_of(self, key: str) -> list[tuple[str, tuple[int, int] | None, object | None]]:
+        """The output module(s) of a key as (name, row slice or None, canonical target or None)."""
+
+    def describe(self) -> str:
+        """A few words for the summary line (e.g. "sdxl kohya naming")."""
+
+    def tensors(self, results: Sequence[ExtractedLayer]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The output tensors by key and the header entries the naming adds."""
 
 
 def module_name(key: str, prefix_model: str = "", prefix_lora: str = "") -> str:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from library.errors import LoraToolsError
-from library.extract import LayerResult
-from library.extract_pairs import CheckpointPair
+from library.extract.layers import ExtractedLayer
+from library.extract.pairs import CheckpointPair
 from library.formats import FAMILIES, Module, Target, lora_tensors
 from library.formats.checkpoint import detect_checkpoint_layout, layout_by_keys
 
@@ -101,7 +101,7 @@ class FamilyNaming:
     def describe(self) -> str:
         return f"{self.family} {self.fmt} naming, checkpoint layout {self.layout.name}"
 
-    def tensors(self, results: Sequence[LayerResult]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def tensors(self, results: Sequence[ExtractedLayer]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         modules: dict[tuple[str, tuple[int, int] | None], Module] = {}
         for result in results:
             target, swap = result.task.target

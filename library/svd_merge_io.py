@@ -1,5 +1,5 @@
-"""svd_merge_lora.py between files and the engine: inputs grouped per canonical target, engine jobs,
-merged modules back in any output format, and the per-layer report.
+"""svd_merge_lora.py (and flux_merge_lora.py's svd modes) between files and the engine: inputs grouped per
+canonical target, engine jobs, merged modules back in any output format, and the per-layer report.
 
 Grouping is lora_combine.group_targets (shared with merge_lora.py): inputs must share a family, block
 weights multiply the ratios, DoRA is refused, and where files cut one fused weight differently (Flux qkv
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 
 import torch
 
@@ -18,7 +17,8 @@ from library.destination import write_text
 from library.errors import LoraToolsError
 from library.formats.types import Module
 from library.lora_combine import Group, Term, _padded
-from library.svd_merge import LayerJob, LayerResult
+from library.lowrank_engine import LayerResult, summarize
+from library.svd_merge import LayerJob
 
 
 class PlacedAdapter:
@@ -75,55 +75,17 @@ def jobs_from_groups(groups: list[Group], n_inputs: int) -> list[LayerJob]:
 
 def modules_from_results(groups: list[Group], results: dict[str, LayerResult]) -> list[Module]:
     """Merged LoRA modules on the groups' targets: down, up, alpha (rank·scale, stored as float32) and bias."""
-    modules = []
-    for group in groups:
-        result = results[group.target.describe()]
-        tensors = {"lora_down.weight": result.down.contiguous(), "lora_up.weight": result.up.contiguous(),
-                   "alpha": torch.tensor(result.alpha, dtype=torch.float32)}
-        if result.bias is not None:
-            tensors["diff_b"] = result.bias
-        modules.append(Module(group.target, tensors, group.target.describe()))
-    return modules
-
-
-def storage_dtype(loras) -> torch.dtype:
-    """The widest float dtype among the inputs' adapter tensors: merging fp16 with fp32 keeps fp32."""
-    widest = None
-    for lora in loras:
-        for module in lora.modules:
-            for suffix, t in module.tensors.items():
-                if suffix == "alpha" or not t.is_floating_point():
-                    continue
-                if widest is None or t.element_size() > widest.itemsize:
-                    widest = t.dtype
-    return widest or torch.float32
+    return [Module(group.target, results[group.target.describe()].tensors, group.target.describe())
+            for group in groups]
 
 
 def summary(results: dict[str, LayerResult]) -> dict:
-    reports = [r.report for r in results.values()]
-    errors = [r["rel_error"] for r in reports]
-    energies = [r["energy_retained"] for r in reports]
-    ranks = [r["rank_out"] for r in reports]
-    routes: dict[str, int] = {}
-    for r in reports:
-        routes[r["route"]] = routes.get(r["route"], 0) + 1
-    worst = max(reports, key=lambda r: r["rel_error"], default=None)
-    return {
-        "layers": len(reports),
-        "routes": routes,
-        "rank_out_min": min(ranks, default=0),
-        "rank_out_max": max(ranks, default=0),
-        "rel_error_mean": statistics.fmean(errors) if errors else 0.0,
-        "rel_error_max": max(errors, default=0.0),
-        "worst_layer": worst["target"] if worst else None,
-        "energy_retained_mean": statistics.fmean(energies) if energies else 1.0,
-        "energy_retained_min": min(energies, default=1.0),
-    }
+    return summarize([r.report for r in results.values()])
 
 
 def layer_line(report: dict) -> str:
     return (f"{report['target']}: rank {report['rank_in']} -> {report['rank_out']}, "
-            f"energy retained {report['energy_retained']:.6f}, relative error {report['rel_error']:.3e} "
+            f"energy retained {report['energy_retained']:.6f}, relative error {report['relative_error']:.3e} "
             f"[{report['route']}]")
 
 

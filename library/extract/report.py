@@ -7,10 +7,10 @@ import math
 from collections.abc import Sequence
 
 from library.destination import write_text
-from library.extract import LayerResult
+from library.extract.layers import ExtractedLayer
 
 
-def layer_entry(result: LayerResult) -> dict:
+def layer_entry(result: ExtractedLayer) -> dict:
     task = result.task
     entry = {
         "key": task.key,
@@ -26,14 +26,16 @@ def layer_entry(result: LayerResult) -> dict:
     if result.skipped:
         entry["skipped"] = result.skipped
         return entry
-    if result.rank is not None:
-        entry["rank"] = result.rank
-    entry["relative_error"] = result.relative_error
-    entry["retained_energy"] = result.retained_energy
+    if result.lowrank is not None:
+        # The engine's schema (route, rank_out, alpha, energy_retained, relative_error, σ figures, …).
+        entry.update({k: v for k, v in result.lowrank.report.items() if k not in ("target", "shape")})
+    else:
+        entry["relative_error"] = result.relative_error  # of the stored dtype
+        entry["energy_retained"] = result.energy_retained
     return entry
 
 
-def build_report(results: Sequence[LayerResult], skipped: Sequence[tuple[str, str]], *, only_base: Sequence[str] = (),
+def build_report(results: Sequence[ExtractedLayer], skipped: Sequence[tuple[str, str]], *, only_base: Sequence[str] = (),
                  only_tuned: Sequence[str] = (), settings: dict | None = None) -> dict:
     done = [r for r in results if not r.skipped]
     low = [r for r in done if r.task.role == "lowrank"]
@@ -51,10 +53,10 @@ def build_report(results: Sequence[LayerResult], skipped: Sequence[tuple[str, st
         "seconds": round(sum(r.seconds for r in results), 3),
     }
     if low:
-        retained = [r.retained_energy for r in low]
+        retained = [r.energy_retained for r in low]
         summary.update({
-            "mean_retained_energy": sum(retained) / len(retained),
-            "min_retained_energy": min(retained),
+            "energy_retained_mean": sum(retained) / len(retained),
+            "energy_retained_min": min(retained),
             # Energy-weighted over all low-rank layers: ‖ΔW − LoRA‖² / ‖ΔW‖² summed over layers.
             "overall_relative_error": math.sqrt(error_sq / total_sq) if total_sq > 0 else 0.0,
             "ranks": sorted({r.rank for r in low}),
@@ -74,9 +76,9 @@ def format_layer(entry: dict) -> str:
     if "skipped" in entry:
         return f"{head}  skipped: {entry['skipped']}"
     if entry["role"] == "lowrank":
-        return (f"{head}  rank {entry['rank']:>4}  retained {entry['retained_energy']:.4%}  "
-                f"rel.err {entry['relative_error']:.4g}")
-    return f"{head}  {entry['role']} (rel.err of stored dtype {entry['relative_error']:.2g})"
+        return (f"{head}  rank {entry['rank_out']:>4}  energy retained {entry['energy_retained']:.4%}  "
+                f"relative error {entry['relative_error']:.4g}")
+    return f"{head}  {entry['role']} (relative error of the stored dtype {entry['relative_error']:.2g})"
 
 
 def format_summary(report: dict) -> list[str]:
@@ -84,7 +86,7 @@ def format_summary(report: dict) -> list[str]:
     lines = [f"extracted {s['layers_extracted']} layers ({s['low_rank_layers']} low-rank, "
              f"{s['full_diff_tensors']} full differences) in {s['seconds']:.1f} s"]
     if s["low_rank_layers"]:
-        lines.append(f"retained energy: mean {s['mean_retained_energy']:.4%}, min {s['min_retained_energy']:.4%}; "
+        lines.append(f"energy retained: mean {s['energy_retained_mean']:.4%}, min {s['energy_retained_min']:.4%}; "
                      f"overall relative error {s['overall_relative_error']:.4g}; ranks {s['ranks']}")
     if s["layers_without_difference"]:
         lines.append(f"note: {s['layers_without_difference']} layers have no difference and were skipped")

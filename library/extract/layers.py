@@ -4,15 +4,14 @@ The plan (`plan_layers`) decides from shapes alone what each key becomes: a low-
 (2-D weights and convs), a full difference `diff` (`--lora_type full_diff`, or 1-D norm weights with
 `--bias_diff`), a bias difference `diff_b`, or nothing (listed with the reason). `extract_layer`
 then reads one (base, tuned) pair, forms ΔW in float32 on the compute device, measures its exact
-Frobenius norm, factors it (randomized SVD by default, exact with `exact_svd`), and measures the
-error of the factors *as they will be stored* (after the optional clamp and the cast to the save
-dtype), so the report's retained energy is the truth about the file, not an estimate from a
-truncated spectrum.
+Frobenius norm, and hands it to the low-rank engine (library/lowrank_engine.py: randomized SVD by
+default, exact with `exact_svd`), which measures the error of the factors *as they will be stored*
+(after the optional clamp and the cast to the save dtype), so the report's retained energy is the
+truth about the file, not an estimate from a truncated spectrum.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -20,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from library import lowrank
-from library.extract_pairs import CheckpointPair
-
-ROLES = ("lowrank", "diff", "diff_b")
+from library.checks import NonFiniteTracker
+from library.extract.pairs import CheckpointPair
+from library.lowrank import dense_sq_norm
+from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_dense
 
 
 @dataclass
@@ -37,7 +36,7 @@ class ExtractOptions:
     min_diff: float = 0.0  # skip a layer whose largest |ΔW| is below this
     exact_svd: bool = False
     svd_iters: int = 2  # power iterations of the randomized SVD
-    oversample: int | None = None  # extra sketch columns; never fewer than the rank (p ≥ k) nor 10
+    oversample: int | None = None  # extra sketch columns; None = lowrank's default (the rank, at least 10)
     clamp_quantile: float | None = None  # sd-scripts' clamp, off unless asked for
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     load_dtype: torch.dtype | None = None  # cast both weights to this before subtracting (sd-scripts' --load_precision)
@@ -59,7 +58,9 @@ class LayerTask:
 
 
 @dataclass
-class LayerResult:
+class ExtractedLayer:
+    """What one task gave: its tensors (kohya suffixes), or why it was skipped; `lowrank` for low-rank tasks."""
+
     task: LayerTask
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # kohya suffix -> tensor (save dtype, CPU)
     rank: int | None = None
@@ -68,13 +69,14 @@ class LayerResult:
     max_abs: float = 0.0
     skipped: str | None = None
     seconds: float = 0.0
+    lowrank: LayerResult | None = None  # the engine's result (its report figures) for a low-rank task
 
     @property
     def relative_error(self) -> float:
         return self.error / self.norm if self.norm > 0 else 0.0
 
     @property
-    def retained_energy(self) -> float:
+    def energy_retained(self) -> float:
         return 1.0 - self.relative_error**2 if self.norm > 0 else 1.0
 
 
@@ -148,17 +150,9 @@ def difference(base: torch.Tensor, tuned: torch.Tensor, options: ExtractOptions)
     return delta
 
 
-def exact_norm(tensor: torch.Tensor, block: int = 1 << 22) -> float:
-    """Frobenius norm accumulated in float64, a block at a time.
-
-    `lowrank.dense_sq_norm` computes the same from a whole float64 copy, which for a large layer
-    (1280×2560×3×3) would be twice the layer's float32 size on top of the peak we try to keep low.
-    """
-    flat = tensor.reshape(-1)
-    total = 0.0
-    for start in range(0, flat.numel(), block):
-        total += float(flat[start:start + block].double().square().sum())
-    return math.sqrt(total)
+def exact_norm(tensor: torch.Tensor) -> float:
+    """Frobenius norm of a tensor of any shape, accumulated in float64 a block at a time (lowrank.dense_sq_norm)."""
+    return math.sqrt(float(dense_sq_norm(tensor.reshape(1, -1))))
 
 
 def max_abs(tensor: torch.Tensor) -> float:
@@ -188,16 +182,11 @@ def release_freed_memory() -> None:
 _malloc_trim = None
 
 
-def seed_for(key: str, seed: int) -> int:
-    """A per-layer seed from (seed, key), so a layer's sketch does not depend on which other layers run."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
-
-
-def extract_layer(task: LayerTask, delta: torch.Tensor, options: ExtractOptions) -> LayerResult:
+def extract_layer(task: LayerTask, delta: torch.Tensor, options: ExtractOptions) -> ExtractedLayer:
     """One task on the key's difference `delta` (float32, on the device). Works in place on the task's rows:
     tasks of one key take disjoint row slices, so they may share the buffer."""
     start = time.perf_counter()
-    result = LayerResult(task)
+    result = ExtractedLayer(task)
     if task.rows is not None:
         delta = delta[task.rows[0]:task.rows[1]]
     result.norm = exact_norm(delta) if delta.numel() else 0.0
@@ -219,47 +208,42 @@ def extract_layer(task: LayerTask, delta: torch.Tensor, options: ExtractOptions)
     return result
 
 
-def _low_rank(task: LayerTask, delta: torch.Tensor, options: ExtractOptions, result: LayerResult) -> None:
-    shape = tuple(delta.shape)
-    matrix = delta.reshape(shape[0], -1)
-    cap = task.rank
-    # sv_cumulative compares against Σσ of the whole spectrum, which only the exact SVD has.
-    if options.exact_svd or options.dynamic_method == "sv_cumulative":
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    else:
-        # Oversampling p = the rank (at least lowrank's floor of 10): +0.06 % error on fine-tune-like spectra at
-        # rank 32 where p = 10 gives +0.3 % (reference/beyond.md §3.3).
-        oversample = max(cap, 10, options.oversample or 0)
-        generator = lowrank.seeded_generator(seed_for(task.key, options.seed), matrix.device)
-        u, s, vh = lowrank.randomized_svd(matrix, cap, oversample=oversample, n_iter=options.svd_iters,
-                                          generator=generator)
-    rank = lowrank.select_rank(s, options.dynamic_method, options.dynamic_param, max_rank=cap,
-                               total_energy=result.norm**2)
-    up, down, alpha = lowrank.svd_to_lora(u[:, :rank], s[:rank], vh[:rank], shape, alpha_dtype=options.save_dtype)
-    del u, s, vh
-    if options.clamp_quantile is not None:
-        up, down = lowrank.clamp_quantile(up, down, options.clamp_quantile)
-    up, down = up.to(options.save_dtype), down.to(options.save_dtype)
-    # The error of what is stored: ΔW − scale·up@down, formed in place in the ΔW buffer (no second copy).
-    matrix.addmm_(up.float().reshape(shape[0], rank), down.float().reshape(rank, -1), alpha=-(alpha / rank))
-    result.error = exact_norm(matrix)
-    result.rank = rank
-    # Copies, not views: a slice of an SVD factor would keep its whole (oversampled) storage alive.
-    result.tensors = {"lora_down.weight": down.cpu().clone(), "lora_up.weight": up.cpu().clone(),
-                      "alpha": torch.tensor(float(alpha), dtype=options.save_dtype)}
+def engine_settings(options: ExtractOptions) -> EngineSettings:
+    return EngineSettings(oversample=options.oversample, power_iters=options.svd_iters, seed=options.seed,
+                          exact_dense=options.exact_svd, clamp_quantile=options.clamp_quantile,
+                          alpha_dtype=options.save_dtype, factor_dtype=options.save_dtype, device=options.device)
+
+
+def _low_rank(task: LayerTask, delta: torch.Tensor, options: ExtractOptions, result: ExtractedLayer) -> None:
+    # Seeded by the checkpoint key (row slices of one fused key share it); the delta is ours to overwrite.
+    job = LowRankJob(name=task.name, shape=tuple(delta.shape), max_rank=task.rank, dense=delta,
+                     method=options.dynamic_method, param=options.dynamic_param, seed_name=task.key, scratch=True)
+    low = run_dense(job, engine_settings(options))
+    result.lowrank = low
+    result.error = math.sqrt(low.error_sq)
+    result.rank = low.rank
+    result.tensors = {"lora_down.weight": low.down, "lora_up.weight": low.up,
+                      "alpha": torch.tensor(float(low.alpha), dtype=options.save_dtype)}
 
 
 def run_extraction(pair: CheckpointPair, tasks: list[LayerTask], options: ExtractOptions,
-                   progress: Callable[[Iterable, int], Iterable] | None = None) -> list[LayerResult]:
-    """Run every task, reading each key's pair once (fused keys with several row slices share one read)."""
+                   progress: Callable[[Iterable, int], Iterable] | None = None) -> list[ExtractedLayer]:
+    """Run every task, reading each key's pair once (fused keys with several row slices share one read).
+
+    NaN/inf in either model is refused (library/checks.py): at the first such tensor the work stops, the
+    remaining keys are only scanned, so that the error names how many tensors of which file are affected.
+    """
     by_key: dict[str, list[LayerTask]] = {}
     for task in tasks:
         by_key.setdefault(task.key, []).append(task)
     keys = list(by_key)
     iterator = keys if progress is None else progress(keys, len(keys))
-    results: list[LayerResult] = []
-    for key in iterator:
+    results: list[ExtractedLayer] = []
+    trackers = (NonFiniteTracker(pair.base_path, refuse=True), NonFiniteTracker(pair.tuned_path, refuse=True))
+    for index, key in enumerate(iterator):
         base, tuned = pair.read(key)
+        if not all([trackers[0].check(key, base), trackers[1].check(key, tuned)]):
+            _scan_nonfinite(pair, keys[index + 1:], trackers)
         start = time.perf_counter()
         delta = difference(base, tuned, options)
         del base, tuned  # only the float32 difference is needed from here on
@@ -271,3 +255,12 @@ def run_extraction(pair: CheckpointPair, tasks: list[LayerTask], options: Extrac
         del delta
         release_freed_memory()
     return results
+
+
+def _scan_nonfinite(pair: CheckpointPair, keys: Iterable[str], trackers: tuple[NonFiniteTracker, ...]) -> None:
+    """Check the remaining keys of both models (no maths), then refuse naming each file's NaN/inf tensors."""
+    for key in keys:
+        for tracker, tensor in zip(trackers, pair.read(key)):
+            tracker.check(key, tensor)
+    for tracker in trackers:
+        tracker.finish()
