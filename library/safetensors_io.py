@@ -323,6 +323,34 @@ class LazyReader:
             f.seek(self.header.data_start + info.begin)
             return f.read(info.end - info.begin)
 
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor in its own storage, filled by a single `readinto`: no mmap. Streaming reads use this, not
+        `get`: pages of a mapped checkpoint stay resident and count against the process, so reading a whole
+        model through the mmap makes it look (and, under pressure, behave) as if it held the model."""
+        if self._state is not None:
+            return self._tensor_from_state(key)
+        info = self._info(key)
+        tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        if tensor.numel() == 0:
+            return tensor
+        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb") as f:
+            f.seek(self.header.data_start + info.begin)
+            if f.readinto(view) != info.end - info.begin:
+                raise LoraToolsError("file ends inside the tensor's data (truncated?)", file=self.path, key=key)
+        return tensor
+
+    def copy_into(self, writer: StreamingWriter, key: str) -> None:
+        """Write this tensor's stored bytes unchanged into `writer` (kernel copy where the file allows it)."""
+        if self._state is not None:
+            writer.write_raw(key, self.get_raw(key))
+            return
+        writer.copy_from_file(key, self.path, self.header.data_start + self._info(key).begin)
+
+    def files(self) -> list[str]:
+        """The files this reader reads (for provenance hashes and output checks)."""
+        return [self.path]
+
 
 _NOT_PLAIN_TENSORS = ("holds Python objects other than tensors{found}; loratools only loads plain-tensor "
                       "checkpoints and never runs code from a file: convert it to safetensors with a tool you trust")
@@ -671,6 +699,15 @@ class ShardedReader:
 
     def get_raw(self, key: str) -> bytes:
         return self._reader(key).get_raw(key)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._reader(key).read(key)
+
+    def copy_into(self, writer: StreamingWriter, key: str) -> None:
+        self._reader(key).copy_into(writer, key)
+
+    def files(self) -> list[str]:
+        return [reader.path for reader in self.readers.values()]
 
 
 def _find_index(path: str) -> str:

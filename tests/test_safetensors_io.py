@@ -232,3 +232,38 @@ def test_sharded_checkpoint_reads_as_one(tmp_path):
     (folder / "m.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(LoraToolsError, match="not there"):
         open_checkpoint(folder)
+
+
+def test_reader_read_and_copy_into_single_and_sharded(tmp_path):
+    """`read` (readinto, no mmap) equals safetensors' own load for every dtype, and `copy_into` writes the
+    stored bytes unchanged; a sharded checkpoint delegates both to the shard that holds the key."""
+    from library.safetensors_io import open_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(4, 2, generator=g).bfloat16(),
+               "f8": torch.randn(6, generator=g).to(torch.float8_e4m3fn), "i64": torch.arange(5),
+               "empty": torch.zeros(0, 3)}
+    single = tmp_path / "one.safetensors"
+    save_file(tensors, str(single))
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file({k: tensors[k] for k in ("f32", "bf16")}, str(folder / "m-1.safetensors"))
+    save_file({k: tensors[k] for k in ("f8", "i64", "empty")}, str(folder / "m-2.safetensors"))
+    weight_map = {k: "m-1.safetensors" if k in ("f32", "bf16") else "m-2.safetensors" for k in tensors}
+    (folder / "m.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    expected = load_file(str(single))
+    for source in (single, folder):
+        with open_checkpoint(source) as reader:
+            assert sorted(reader.files()) == sorted(str(p) for p in ([single] if source == single else
+                                                                      [folder / "m-1.safetensors", folder / "m-2.safetensors"]))
+            for key, want in expected.items():
+                got = reader.read(key)
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert got.view(torch.uint8).tolist() == want.view(torch.uint8).tolist()
+            out = tmp_path / f"copy-{source.name}.safetensors"
+            specs = {k: (reader.dtype(k), reader.shape(k)) for k in reader.keys()}
+            with StreamingWriter(out, specs) as writer:
+                for key in reader.keys():
+                    reader.copy_into(writer, key)
+        copied = load_file(str(out))
+        assert all(torch.equal(copied[k].view(torch.uint8), expected[k].view(torch.uint8)) for k in expected)
