@@ -100,6 +100,7 @@ def temp_files(folder) -> list[str]:
 KOHYA_MODULE = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 PEFT_MODULE = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
+
 def peft_lora(rank: int = 4, alpha: float = 1.0, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     g = torch.Generator().manual_seed(seed)
     tensors = {f"{PEFT_MODULE}.lora_A.weight": torch.randn(rank, 640, generator=g),
@@ -130,7 +131,8 @@ def ai_toolkit_single_block(n: int, parts=("attn.to_q", "attn.to_k", "attn.to_v"
 
 # ---- LoRAs from the reference shape lists (formats tests) ---------------------------------------------------
 
-RANK = 2
+RANK = 2  # of every module of kohya_fixture / diffusers_fixture
+
 
 def table(name: str) -> list[list[str]]:
     """The columns of every line of reference shape list `name` (header included)."""
