@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT, sha256
 
 MODULE = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 
@@ -90,12 +90,6 @@ def test_nan_in_input_is_named(tmp_path):
     assert "NaN" in proc.stderr and MODULE in proc.stderr
 
 
-def _sha(path):
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def test_shard_of_sharded_input_is_never_replaced(tmp_path):
     """--save_to equal to one shard of a sharded --sd_model (folder or index), even with --overwrite."""
     folder = tmp_path / "unet"
@@ -106,14 +100,14 @@ def test_shard_of_sharded_input_is_never_replaced(tmp_path):
                             "model.diffusion_model.out.0.bias": "m-00002-of-00002.safetensors"}}
     (folder / "m.safetensors.index.json").write_text(json.dumps(index))
     lora = good_lora(tmp_path / "lora.safetensors")
-    before = {p: _sha(p) for p in [*folder.iterdir(), Path(lora)]}
+    before = {p: sha256(p) for p in [*folder.iterdir(), Path(lora)]}
     shard = str(folder / "m-00002-of-00002.safetensors")
     for sd_model in (str(folder), str(folder / "m.safetensors.index.json")):
         proc = run("merge_lora.py", "--sd_model", sd_model, "--models", lora, "--save_to", shard, "--overwrite",
                    "--device", "cpu")
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "one of the inputs" in lines[0] and shard in lines[0]
-    assert {p: _sha(p) for p in before} == before
+    assert {p: sha256(p) for p in before} == before
     assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
 
 

@@ -20,7 +20,7 @@ from library.cli import (
     run_cli,
 )
 from library.errors import Interrupted, LoraToolsError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def make_parser():

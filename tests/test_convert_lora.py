@@ -11,7 +11,7 @@ import torch
 import convert_lora
 from library.formats import read_lora
 from library.safetensors_io import load_tensors, save_tensors
-from tests.test_formats_fused import ai_toolkit_single_block
+from tests.helpers import ai_toolkit_single_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORAS = os.path.join(ROOT, "..", "shared", "data", "real-loras")

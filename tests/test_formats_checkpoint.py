@@ -6,7 +6,7 @@ import pytest
 
 from library.formats import FAMILIES, Target, block_id, detect_checkpoint_family
 from library.formats.checkpoint import CheckpointLayout, detect_checkpoint_layout
-from tests.test_formats_fixtures import needs_shapes, rows
+from tests.helpers import needs_shapes, rows
 
 
 class FakeReader:

@@ -7,6 +7,7 @@ import torch
 
 from library.formats import lora_from_tensors, lora_tensors
 from networks import adapter_from_tensors
+from tests.helpers import ai_toolkit_single_block
 
 H, R = 3072, 2
 gen = torch.Generator().manual_seed(3)
@@ -26,15 +27,6 @@ def dense(down, up, scale=1.0):
     if n not in _PROBES:
         _PROBES[n] = torch.randn(n, 3, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     return scale * (up.double() @ (down.double() @ _PROBES[n]))
-
-
-def ai_toolkit_single_block(n: int, parts=("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")):
-    sizes = {"attn.to_q": H, "attn.to_k": H, "attn.to_v": H, "proj_mlp": 4 * H}
-    t = {}
-    for p in parts:
-        t[f"transformer.single_transformer_blocks.{n}.{p}.lora_A.weight"] = rnd(R, H)
-        t[f"transformer.single_transformer_blocks.{n}.{p}.lora_B.weight"] = rnd(sizes[p], R)
-    return t
 
 
 def test_ai_toolkit_flux_to_kohya_fuses_linear1_block_diagonally():

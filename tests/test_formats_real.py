@@ -12,7 +12,7 @@ from library.errors import LoraToolsError
 from library.formats import detect_lora, lora_from_tensors, lora_tensors, read_lora
 from library.formats.match import detect
 from library.safetensors_io import load_tensors
-from tests.test_formats_fixtures import assert_same_deltas, probe_deltas
+from tests.helpers import assert_same_deltas, probe_deltas
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 LORAS = os.path.join(DATA, "real-loras")

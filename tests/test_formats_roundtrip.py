@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from library.formats import lora_from_tensors, lora_tensors
-from tests.test_formats_fixtures import assert_same_deltas, diffusers_fixture, kohya_fixture, needs_shapes, probe_deltas
+from tests.helpers import assert_same_deltas, diffusers_fixture, kohya_fixture, needs_shapes, probe_deltas
 
 FAMILIES = ("sd1", "sd2", "sdxl", "flux1", "sd3", "sd35_medium", "sd35_large", "flux2", "qwen_image", "wan21", "z_image")
 # Families whose kohya names the reference lists directly; the others start from their diffusers names.

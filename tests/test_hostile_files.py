@@ -20,11 +20,12 @@ import lora_info
 from library import safetensors_io
 from library.errors import LoraToolsError
 from library.safetensors_io import MAX_HEADER_TENSORS, LazyReader, load_tensors, open_checkpoint, read_header
-from tests.hostile_fixtures import (
+from tests.helpers import (
     fingerprints,
     kohya_lora,
     length_with_low_bytes,
     peft_lora,
+    run_cli_status,
     safetensors_bytes,
     temp_files,
 )
@@ -36,10 +37,7 @@ def _natural_header_len(tensors, metadata) -> int:
 
 
 def run(module, argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        module.run_cli(module.setup_parser, module.main, argv)
-        raise SystemExit(0)
-    return info.value.code, capsys.readouterr()
+    return run_cli_status(module, argv, capsys)
 
 
 # ---- container detection ---------------------------------------------------------------------------------

@@ -21,8 +21,7 @@ from library import destination
 from library.destination import AtomicFile, Destination, write_text
 from library.errors import LoraToolsError
 from library.safetensors_io import StreamingWriter, check_output_path, load_tensors, save_tensors
-from tests.conftest import ROOT
-from tests.hostile_fixtures import fingerprints, kohya_lora, safetensors_bytes, temp_files
+from tests.helpers import ROOT, fingerprints, kohya_lora, safetensors_bytes, temp_files
 
 
 def sharded(tmp_path):

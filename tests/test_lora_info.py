@@ -11,7 +11,7 @@ import torch
 import lora_info
 from library.errors import LoraToolsError
 from library.safetensors_io import save_tensors
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 REAL = {
     "LyCORIS__smart_falcon_4_lokr.safetensors": ("sd1", "lokr"),

@@ -19,9 +19,9 @@ import flux_merge_lora
 import merge_lora
 import resize_lora
 import svd_merge_lora
-from library.cli import parse_args
 from library.lora_output import output_dtype
 from library.safetensors_io import load_tensors
+from tests.helpers import run_script
 
 PROJ = "lora_unet_double_blocks_0_img_attn_proj"  # Flux 3072×3072
 MLP = "lora_unet_double_blocks_0_img_mlp_2"  # Flux 3072×12288
@@ -30,7 +30,7 @@ Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # SD
 
 
 def run(script, *argv):
-    return script.main(parse_args(script.setup_parser(), [str(a) for a in argv]))
+    return run_script(script, argv)
 
 
 def make_lora(path, shapes, rank, alpha, seed, dtypes=None, metadata=None):

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import merge_lora
-from library.cli import parse_args
 from library.errors import LoraToolsError
+from tests.helpers import run_script
 
 SD1_UNET = "model.diffusion_model."
 TE1 = "cond_stage_model.transformer.text_model.encoder.layers."
@@ -21,8 +21,7 @@ XL_TE2 = "conditioner.embedders.1.model.transformer.resblocks."
 
 
 def run(*argv):
-    args = parse_args(merge_lora.setup_parser(), [str(a) for a in argv])
-    return merge_lora.main(args)
+    return run_script(merge_lora, argv)
 
 
 def lora_pair(g, out, inp, rank, conv=None):

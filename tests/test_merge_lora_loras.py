@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import merge_lora
-from library.cli import parse_args
 from library.errors import LoraToolsError
 from library.merge_methods import dare_mask
 from library.safetensors_io import kohya_hashes_of_file
+from tests.helpers import run_script
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # 320×320
 K2 = "lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_attn2_to_k"  # 640×768
@@ -23,7 +23,7 @@ SHAPES = {Q: (320, 320), K2: (640, 768), CONV: (320, 320, 3, 3), TE: (768, 768)}
 
 
 def run(*argv):
-    return merge_lora.main(parse_args(merge_lora.setup_parser(), [str(a) for a in argv]))
+    return run_script(merge_lora, argv)
 
 
 def make_lora(path, modules, rank, alpha, seed):
@@ -269,7 +269,7 @@ def test_cli_exit_status_and_one_line(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     make_lora(tmp_path / "a.safetensors", [Q, TE], rank=4, alpha=4, seed=18)
     make_lora(tmp_path / "b.safetensors", [Q], rank=8, alpha=4, seed=19)

@@ -9,7 +9,7 @@ import pytest
 
 from library import methods
 from library.errors import LoraToolsError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def choices_of(parser, flag="--mode"):

@@ -6,7 +6,7 @@ import sys
 
 from safetensors import safe_open
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_quickstart_runs(tmp_path):

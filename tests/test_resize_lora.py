@@ -289,9 +289,9 @@ def write_sdxl_lora(path, dtype=torch.float16):
 
 def run_script(argv):
     import resize_lora
-    from library.cli import parse_args
+    from tests import helpers
 
-    return resize_lora.main(parse_args(resize_lora.setup_parser(), argv))
+    return helpers.run_script(resize_lora, argv)
 
 
 def test_script_fixed_rank_end_to_end(tmp_path):

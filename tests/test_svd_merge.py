@@ -24,13 +24,7 @@ FC1 = "lora_te2_text_model_encoder_layers_0_mlp_fc1"  # 5120×1280 → 512×128
 SHAPES = {Q: (64, 64), K2: (64, 204), FF: (512, 64), CONV: (32, 32, 3, 3), FC1: (512, 128)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small LAPACK calls on a shared 2-core machine stall badly with 2 OpenMP threads; 1 is fast and stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 OpenMP thread for small LAPACK calls
 
 
 def lora_tensors(shape, rank, *, alpha=None, seed=0, decay=0.7):

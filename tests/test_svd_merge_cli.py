@@ -1,5 +1,5 @@
 """svd_merge_lora.py end to end: files with real SDXL / Flux key names and shapes in, files out, every
-delta checked against float64 computed here from the input tensors (bench.fixtures.dense_delta writes
+delta checked against float64 computed here from the input tensors (tests.helpers.dense_delta writes
 (alpha/r)·up@down out independently of networks/)."""
 
 from __future__ import annotations
@@ -10,21 +10,21 @@ import os
 import pytest
 import torch
 
-from bench.fixtures import dense_delta, flux_modules, kohya_metadata, make_lora, sdxl_modules, write_lora
-from library.cli import parse_args
 from library.errors import LoraToolsError
 from library.merge_methods import dare_mask
 from library.safetensors_io import load_tensors
-from tests.test_svd_merge import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers import dense_delta, flux_modules, kohya_metadata, make_lora, run_script, sdxl_modules, write_lora
 
 CONVS = ["input_blocks_1_0_in_layers_2"]  # 320×320×3×3
 ATTN = "input_blocks_4_1_transformer_blocks_0_"  # 640-wide Linears (attn2 k/v 640×2048, ff 5120×640)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 OpenMP thread for small LAPACK calls
+
 
 def run(argv: list[str]) -> dict:
-    from svd_merge_lora import main, setup_parser
+    import svd_merge_lora
 
-    return main(parse_args(setup_parser(), argv))
+    return run_script(svd_merge_lora, argv)
 
 
 def sdxl_pair(tmp_path):
