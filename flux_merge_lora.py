@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from library.cli import add_common_args, density, finite_float, positive_int, run_cli
+from library.cli import add_common_args, compute_dtype, density, finite_float, positive_int, prepare_output, progress, run_cli
+from library.console import warn
 from library.formats.specs import WRITE_FORMATS
 from library.methods import FACTOR, SIGN_METHODS, delta_aliases, names
 
@@ -64,7 +65,7 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from library.cli import prepare_output, resolve_device, warn
+    from library.cli import resolve_device  # asks accelerate, which imports torch
     from library.flux_merge import check_mode, encoder_pairs, input_lines, output_flags, read_flux_lora
     from library.inputs import lora_inputs, ratios_for
 
@@ -91,7 +92,6 @@ def main(args: argparse.Namespace) -> dict:
 
 def merge_into_lora(args, inputs: list, mode: str, device, save_to: str | None, fmt: str,
                     label: str = "merged") -> dict:
-    from library.cli import prepare_output, warn
     from library.lora_merge import MergeOptions, plan_lora_merge, run_lora_merge, size_warning, write_merged
 
     save_to = prepare_output(save_to, args.models, args)
@@ -116,7 +116,6 @@ def merge_into_lora(args, inputs: list, mode: str, device, save_to: str | None, 
 
 def merge_into_models(args, inputs: list, encoders: dict, device) -> dict:
     from library.checkpoint_apply import apply_plan
-    from library.cli import compute_dtype, prepare_output, progress, warn
     from library.flux_merge import TEXT_ENCODERS, checkpoint_meta, inputs_for, leftover_inputs, model_jobs, te_side_path
     from library.merge_plan import build_plan
     from library.merge_report import print_lines, print_report

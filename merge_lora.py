@@ -33,7 +33,8 @@ import argparse
 import os
 import sys
 
-from library.cli import add_common_args, density, finite_float, run_cli
+from library.cli import add_common_args, compute_dtype, density, finite_float, prepare_output, progress, resolve_device, run_cli
+from library.console import warn
 from library.errors import LoraToolsError
 from library.formats.specs import WRITE_FORMATS
 from library.methods import FACTOR, SIGN_METHODS, mode_choices, recorded_seed
@@ -82,7 +83,6 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
     from library.checkpoint_apply import apply_plan
-    from library.cli import compute_dtype, prepare_output, progress, resolve_device, warn
     from library.inputs import lora_inputs
     from library.merge_plan import build_plan, choose_layout
     from library.merge_report import print_lines, print_report
@@ -117,7 +117,6 @@ def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
 
 
 def merge_loras(args: argparse.Namespace, block_weights) -> dict:
-    from library.cli import prepare_output, warn
     from library.inputs import lora_inputs
     from library.lora_merge import MergeOptions, plan_lora_merge, run_lora_merge, size_warning, write_merged
     from library.merge_report import print_lines
@@ -150,7 +149,6 @@ def merge_loras(args: argparse.Namespace, block_weights) -> dict:
 def main(args: argparse.Namespace) -> dict:
     from library.block_weights import block_weights_for_models
     from library.checkpoint_apply import one_thread
-    from library.cli import resolve_device
     from library.inputs import ratios_for
 
     ratios_for(args.ratios, args.models)  # counts checked before anything is read

@@ -162,7 +162,7 @@ def exact_rank(adapter: Adapter) -> int | None:
     """Rank of the adapter's exact low-rank form: a LoRA's rank, r₁·r₂ for LoHa/LoKr, None for a full diff."""
     if adapter.kind == "lora":
         return adapter.rank
-    return adapter.exact_rank() if hasattr(adapter, "exact_factors") else None
+    return adapter.exact_rank if hasattr(adapter, "exact_factors") else None
 
 
 def concat_rank(group: Group) -> int | None:
