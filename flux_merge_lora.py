@@ -66,16 +66,18 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     from library.cli import resolve_device  # asks accelerate, which imports torch
-    from library.flux_merge import check_mode, encoder_pairs, input_lines, output_flags, read_flux_lora
+    from library.flux_merge import TEXT_ENCODERS, check_mode, encoder_pairs, input_lines, output_flags, read_flux_lora
     from library.inputs import lora_inputs, ratios_for
 
     ratios_for(args.ratios, args.models)  # counts checked before anything is read
     into_model = any((args.flux_model, args.clip_l, args.t5xxl))
     mode = check_mode(into_model, args.mode, args.concat, args.shuffle)
-    encoders = {"te1": (args.clip_l, args.clip_l_save_to), "t5": (args.t5xxl, args.t5xxl_save_to)}
+    encoders = {c: (getattr(args, flag), getattr(args, f"{flag}_save_to")) for c, (flag, _p) in TEXT_ENCODERS.items()}
     encoder_pairs(encoders)
     # Every output against every input and every other output, before the first file is read.
     outputs = output_flags(args.save_to, encoders, args.te_lora_save_to)
+    if not into_model:
+        outputs.setdefault("--save_to", None)  # required there (unless --dry_run): prepare_output says so now
     models = [*args.models, *(m for m in (args.flux_model, args.clip_l, args.t5xxl) if m)]
     for flag, path in outputs.items():
         prepare_output(path, models, args, flag=flag, other_outputs={f: p for f, p in outputs.items() if f != flag})

@@ -92,3 +92,10 @@ def test_flux_te_lora_output_equal_to_an_input_is_refused_first(tmp_path, capsys
                                      "--save_to", tmp_path / "out.safetensors", "--te_lora_save_to", a],
                    tmp_path, capsys)
     assert "--te_lora_save_to" in line and "one of the inputs" in line, line
+
+
+def test_flux_lora_merge_without_save_to_is_refused_before_reading(tmp_path, capsys):
+    bad = tmp_path / "a.safetensors"
+    bad.write_bytes(b"not read: the missing output is found first")
+    line = refused(flux_merge_lora, ["--models", bad], tmp_path, capsys)
+    assert line.endswith("error: --save_to is required"), line
