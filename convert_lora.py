@@ -11,10 +11,10 @@ import os
 from collections import Counter
 
 from library.cli import add_common_args, prepare_output, run_cli, warn
-from library.formats import FAMILIES, WRITE_FORMATS, read_lora
-from library.formats.regroup import kind_of
-from library.formats.write import lora_tensors
-from library.lora_output import output_dtype, write_lora
+from library.formats.registry import FAMILIES
+from library.formats.specs import WRITE_FORMATS
+
+# Torch and the readers/writers are imported in main(), so that --help stays fast.
 
 SCRIPT = "convert_lora.py"
 
@@ -36,6 +36,11 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    from library.formats import read_lora
+    from library.formats.regroup import kind_of
+    from library.formats.write import lora_tensors
+    from library.lora_output import output_dtype, write_lora
+
     out = prepare_output(args.output, [args.input], args, flag="OUTPUT")
     lora = read_lora(args.input, family=args.family, allow_unmatched=args.allow_unmatched,
                      fix_split_qkv_alpha=args.fix_split_qkv_alpha)
@@ -71,6 +76,7 @@ def print_notes(notes: list[str], verbose: int) -> None:
 def summary(lora, fmt: str, n_tensors: int, notes: list[str]) -> dict:
     return {"family": lora.family, "input_format": lora.format, "output_format": fmt,
             "modules_in": len(lora.modules), "tensors_out": n_tensors, "regrouped": len(notes)}
+
 
 if __name__ == "__main__":
     run_cli(setup_parser, main)

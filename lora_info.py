@@ -8,7 +8,6 @@ import json
 
 from library.cli import add_common_args, run_cli
 from library.errors import LoraToolsError
-from library.lora_summary import format_text, summarize
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -21,6 +20,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+    from library.lora_summary import format_text, summarize  # torch: imported when work starts, not for --help
+
     reports = [summarize(path, args.family) for path in args.files]
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, default=str))

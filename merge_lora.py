@@ -33,35 +33,36 @@ import argparse
 import os
 import sys
 
-from library.cli import add_common_args, compute_dtype, prepare_output, progress, resolve_device, run_cli, warn
+from library.cli import add_common_args, compute_dtype, density, finite_float, prepare_output, progress, resolve_device, run_cli
+from library.console import warn
 from library.errors import LoraToolsError
-from library.merge_report import print_lines, report_lines
+from library.formats.specs import WRITE_FORMATS
 from library.methods import FACTOR, SIGN_METHODS, mode_choices, recorded_seed
+
+# Torch and the maths are imported inside the functions that do the work, so that --help stays fast.
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    from library.formats import WRITE_FORMATS
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sd_model", default=None,
                         help="checkpoint to merge into (.safetensors, .ckpt, or a diffusers shard folder); "
                              "without it the LoRAs are merged into one LoRA")
     parser.add_argument("--save_to", default=None, help="output .safetensors")
     parser.add_argument("--models", nargs="+", required=True, help="LoRA files (any format loratools reads)")
-    parser.add_argument("--ratios", nargs="*", type=float, default=None,
-                        help="strength per model (negative allowed; default 1 each)")
+    parser.add_argument("--ratios", nargs="*", type=finite_float, default=None,
+                        help="strength per model (negative allowed, nan/inf refused; default 1 each)")
     parser.add_argument("--lbws", nargs="*", default=None,
                         help="block weights per model: a webui lora-block-weight string (17/26 values SD1/SD2, "
                              "12/20 SDXL, 61 Flux), a JSON list (sd-scripts) or a preset name (ALL, INS, IND, "
                              "INALL, MIDD, OUTD, OUTS, OUTALL, NONE, ALL0.5, FLUXALL or your own); '-' for none")
     parser.add_argument("--lbw_presets", default=None, help="toml (NAME = \"1,0,…\") or webui lbwpresets.txt file")
-    parser.add_argument("--lbw_x", type=float, default=1.0, help="value of X in block-weight strings (default 1)")
+    parser.add_argument("--lbw_x", type=finite_float, default=1.0, help="value of X in block-weight strings (default 1)")
     parser.add_argument("--mode", default="concat", choices=mode_choices(FACTOR),
                         help="LoRA+LoRA merge mode (default concat: the exact one); see above")
     parser.add_argument("--concat", action="store_true", help="same as --mode concat (sd-scripts flag)")
     parser.add_argument("--shuffle", action="store_true",
                         help="mix the ranks of each merged module with a seeded random orthogonal matrix")
-    parser.add_argument("--density", type=float, default=1.0, help="ties/dare/magnitude_prune: share kept (0…1]")
+    parser.add_argument("--density", type=density, default=1.0, help="ties/dare/magnitude_prune: share kept (0…1]")
     parser.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS,
                         help="ties/dare_ties sign election (default total)")
     parser.add_argument("--seed", type=int, default=0, help="seed for DARE masks, --shuffle and R/U block weights")
@@ -80,55 +81,22 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _hint(args: argparse.Namespace) -> str | None:
-    flagged = "sdxl" if args.sdxl else "sd2" if args.v2 else None
-    if args.sdxl and args.v2:
-        raise LoraToolsError("--sdxl and --v2 contradict each other")
-    if args.family and flagged and args.family != flagged:
-        raise LoraToolsError(f"--{'sdxl' if args.sdxl else 'v2'} contradicts --family {args.family}")
-    return args.family or flagged
-
-
-def choose_layout(reader, args: argparse.Namespace):
-    """The checkpoint's family and layout: detected, checked against --sdxl/--v2/--family."""
-    from library.formats import FAMILIES, CheckpointLayout
-    from library.formats.checkpoint import detect_checkpoint_layout, partial_layout
-
-    hint = _hint(args)
-    if args.family and args.family not in FAMILIES:
-        raise LoraToolsError(f"unknown --family {args.family!r}; known: {', '.join(FAMILIES)}")
-    layout = detect_checkpoint_layout(reader, family=args.family)
-    if layout is None:
-        if args.family:
-            return partial_layout(reader, args.family) or CheckpointLayout(args.family)
-        raise LoraToolsError("cannot tell which model family this checkpoint is; pass --family",
-                             file=args.sd_model)
-    if hint and layout.family.name != hint:
-        flag = "--family" if args.family else "--sdxl" if args.sdxl else "--v2"
-        raise LoraToolsError(f"{flag} says {hint} but the checkpoint is {layout.family.name}", file=args.sd_model)
-    return layout
-
-
 def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
     from library.checkpoint_apply import apply_plan
     from library.inputs import lora_inputs
-    from library.merge_plan import build_plan
+    from library.merge_plan import build_plan, choose_layout
+    from library.merge_report import print_lines, print_report
     from library.metadata import checkpoint_metadata
     from library.safetensors_io import open_checkpoint, parse_dtype
 
     save_to = prepare_output(args.save_to, [args.sd_model, *args.models], args)
-    device = resolve_device(args.device)
-    cdtype = compute_dtype(args)
-    save_dtype = parse_dtype(args.save_precision) if args.save_precision else None
     with open_checkpoint(args.sd_model) as reader:
-        layout = choose_layout(reader, args)
-        family = layout.family.name
-        inputs = lora_inputs(args.models, args.ratios, block_weights, family=family,
+        layout = choose_layout(reader, args.sd_model, args.family, args.sdxl, args.v2)
+        inputs = lora_inputs(args.models, args.ratios, block_weights, family=layout.family.name,
                              allow_unmatched=args.allow_unmatched, family_from="checkpoint")
         plan = build_plan(reader, layout, inputs, allow_unmatched=args.allow_unmatched)
-        print(f"{args.sd_model}: {family} checkpoint ({layout.name})")
-        for line in plan.summary():
-            print("  " + line)
+        print(f"{args.sd_model}: {layout.family.name} checkpoint ({layout.name})")
+        print("\n".join("  " + line for line in plan.summary()))
         for item in plan.unmatched:
             warn(f"skipped (no matching weight): {item}")
         if args.verbose or args.dry_run:
@@ -139,35 +107,33 @@ def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
             getattr(reader, "metadata", {}), script="merge_lora.py", args=args, inputs=args.models,
             seed=recorded_seed(args.seed, block_weights=block_weights),  # only R/U block weights draw here
             extra={"loratools.base_model": os.path.basename(args.sd_model)})
-        result = apply_plan(reader, plan, save_to, metadata=metadata, save_dtype=save_dtype, compute_dtype=cdtype,
-                            device=device, inputs=[args.sd_model, *args.models], overwrite=args.overwrite,
-                            progress=lambda keys: progress(keys, desc="merge", enabled=sys.stderr.isatty()),
-                            measure=True if args.verbose else None)
-    lines, warnings = report_lines(save_to, result, args.verbose, args.save_precision)
-    print("\n".join(lines))
-    for message in warnings:
-        warn(message)
+        result = apply_plan(reader, plan, save_to, metadata=metadata, compute_dtype=compute_dtype(args),
+                            save_dtype=parse_dtype(args.save_precision) if args.save_precision else None,
+                            device=resolve_device(args.device), inputs=[args.sd_model, *args.models],
+                            overwrite=args.overwrite, measure=True if args.verbose else None,
+                            progress=lambda keys: progress(keys, desc="merge", enabled=sys.stderr.isatty()))
+    print_report(save_to, result, args.verbose, args.save_precision)
     return {"plan": plan, "result": result, "save_to": save_to}
 
 
 def merge_loras(args: argparse.Namespace, block_weights) -> dict:
     from library.inputs import lora_inputs
-    from library.lora_merge import MergeOptions, plan_lora_merge, run_lora_merge, write_merged
+    from library.lora_merge import MergeOptions, plan_lora_merge, run_lora_merge, size_warning, write_merged
+    from library.merge_report import print_lines
 
     save_to = prepare_output(args.save_to, args.models, args)
     inputs = lora_inputs(args.models, args.ratios, block_weights, family=args.family,
                          allow_unmatched=args.allow_unmatched)
     options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle)
     plan = plan_lora_merge(inputs, "concat" if args.concat else args.mode, args.format, save_to, options)
+    if big := size_warning(plan, args.save_precision):
+        warn(big)
     if args.dry_run:
         print("dry run, nothing written:\n  " + "\n  ".join(plan.lines()))
         return {"plan": plan}
     merged = run_lora_merge(plan)
-    ranks = [r.rank for r in merged.reports if r.rank is not None]
-    print(f"{len(inputs)} {plan.family} LoRA(s) -> {len(merged.modules)} modules, mode {plan.mode}, "
-          f"rank {min(ranks, default=0)}..{max(ranks, default=0)}, format {plan.fmt}")
-    dense = [r for r in merged.reports if r.kind == "diff"]
-    if dense:
+    print(merged.headline(plan))
+    if dense := [r for r in merged.reports if r.kind == "diff"]:
         warn(f"{len(dense)} weight(s) have LoHa/LoKr/full adapters: written as exact dense diffs")
     if plan.mode != "concat":
         print(f"  {plan.mode} is approximate: {merged.summary} (concat is exact; svd_merge_lora.py for delta-space "
@@ -181,24 +147,19 @@ def merge_loras(args: argparse.Namespace, block_weights) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from library.checkpoint_apply import one_thread
-
-    with one_thread(resolve_device(args.device).type == "cpu"):
-        return _main(args)
-
-
-def _main(args: argparse.Namespace) -> dict:
     from library.block_weights import block_weights_for_models
+    from library.checkpoint_apply import one_thread
     from library.inputs import ratios_for
 
     ratios_for(args.ratios, args.models)  # counts checked before anything is read
+    if not args.sd_model and args.mode != "concat" and args.concat:
+        raise LoraToolsError(f"--concat contradicts --mode {args.mode}")
     block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,
                                              seed=args.seed, x=args.lbw_x)
-    if args.sd_model:
-        return merge_into_checkpoint(args, block_weights)
-    if args.mode != "concat" and args.concat:
-        raise LoraToolsError(f"--concat contradicts --mode {args.mode}")
-    return merge_loras(args, block_weights)
+    with one_thread(resolve_device(args.device).type == "cpu"):
+        if args.sd_model:
+            return merge_into_checkpoint(args, block_weights)
+        return merge_loras(args, block_weights)
 
 
 if __name__ == "__main__":

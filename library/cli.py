@@ -227,10 +227,11 @@ def compute_dtype(args: argparse.Namespace):
 
 # ---- outputs ---------------------------------------------------------------------------------------------
 
-def prepare_output(path: str | None, inputs: Iterable[str], args: argparse.Namespace, flag: str = "--save_to") -> str | None:
+def prepare_output(path: str | None, inputs: Iterable[str], args: argparse.Namespace, flag: str = "--save_to",
+                   other_outputs: Mapping[str, str | None] | None = None) -> str | None:
     """Check the output path, and the side outputs in SIDE_OUTPUTS (--report, ...), before any long work starts,
-    so a bad path fails in a second, not after an hour. Returns the absolute output path (None in a dry run
-    without one)."""
+    so a bad path fails in a second, not after an hour. `other_outputs` (flag → path) are the run's other main
+    outputs, which this one must differ from. Returns the absolute output path (None in a dry run without one)."""
     inputs = list(inputs)
     overwrite = getattr(args, "overwrite", False)
     checked = None
@@ -240,8 +241,8 @@ def prepare_output(path: str | None, inputs: Iterable[str], args: argparse.Names
     else:
         if not path.endswith(".safetensors"):
             raise LoraToolsError(f"{flag} must end in .safetensors (we only write safetensors)", file=path)
-        checked = Destination(path, inputs, overwrite, flag=flag).check()
-    side_outputs(args, inputs, {flag: path})
+        checked = Destination(path, inputs, overwrite, flag=flag, other_outputs=other_outputs).check()
+    side_outputs(args, inputs, {**(other_outputs or {}), flag: path})
     return checked
 
 

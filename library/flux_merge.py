@@ -153,3 +153,57 @@ def te_side_path(save_to: str) -> str:
     """Where leftover text-encoder modules go by default: <save_to>_te_lora.safetensors."""
     stem, _ext = os.path.splitext(save_to)
     return stem + "_te_lora.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What flux_merge_lora.py checks before any work, and prints about its inputs
+
+
+def check_mode(into_model: bool, mode: str | None, concat: bool, shuffle: bool) -> str:
+    """The LoRA+LoRA mode (concat by default), refusing mode flags where they mean nothing or contradict."""
+    if into_model and (mode or concat or shuffle):
+        raise LoraToolsError("--mode/--concat/--shuffle are for merging LoRAs into one LoRA (without --flux_model)")
+    if concat and mode not in (None, "concat"):
+        raise LoraToolsError(f"--concat contradicts --mode {mode}")
+    return mode or "concat"
+
+
+def encoder_pairs(encoders: dict[str, tuple[str | None, str | None]]) -> None:
+    """Each text encoder's checkpoint and output come together (component -> (checkpoint, save_to))."""
+    for comp, (model, out) in encoders.items():
+        flag = TEXT_ENCODERS[comp][0]
+        if bool(model) != bool(out):
+            raise LoraToolsError(f"--{flag} and --{flag}_save_to go together")
+
+
+def output_flags(save_to: str | None, encoders: dict[str, tuple[str | None, str | None]],
+                 te_lora_save_to: str | None) -> dict[str, str]:
+    """Every output path given, by flag, so that each is checked against the inputs and the others first."""
+    given = {"--save_to": save_to, "--te_lora_save_to": te_lora_save_to,
+             **{f"--{TEXT_ENCODERS[c][0]}_save_to": out for c, (_m, out) in encoders.items()}}
+    return {flag: path for flag, path in given.items() if path}
+
+
+def input_lines(inputs: list[LoraInput]) -> tuple[list[str], list[str]]:
+    """(lines, warnings) describing the LoRAs read: format, modules, components, keys skipped."""
+    lines, warnings = [], []
+    for inp in inputs:
+        comps = sorted({m.target.component for m in inp.lora.modules})
+        lines.append(f"{inp.path}: FLUX.1 {inp.lora.format} LoRA, {len(inp.lora.modules)} modules ({', '.join(comps)})")
+        if inp.lora.unmatched:
+            warnings.append(f"{inp.path}: {len(inp.lora.unmatched)} keys match nothing and are skipped "
+                            f"(--allow_unmatched)")
+    return lines, warnings
+
+
+def checkpoint_meta(reader, model: str, save_to: str, component: str, inputs: list[LoraInput], *, script: str,
+                    args: object, models: list[str], minimal: bool) -> dict[str, str]:
+    """The merged checkpoint's metadata: its own (all of it with --no_metadata), else updated, with a
+    modelspec for the transformer and our provenance."""
+    from library.metadata import checkpoint_metadata, modelspec, title_of
+
+    if minimal:
+        return dict(reader.metadata)
+    merged = [title_of(model, reader.metadata)] + [title_of(i.path, i.lora.metadata) for i in inputs]
+    spec = modelspec(FAMILY, save_to, lora=False, merged_from=merged) if component == "transformer" else {}
+    return checkpoint_metadata(reader.metadata, script=script, args=args, inputs=models, extra=spec)

@@ -2,8 +2,9 @@
 
 - `concat` (exact): per target the factors are stacked, [w₁s₁·up₁ | … ] and [down₁; …], so the product is
   Σ wᵢ·sᵢ·upᵢ@downᵢ exactly (wᵢ = ratio × block weight, sᵢ = alphaᵢ/rankᵢ, negative wᵢ included); rank =
-  Σ rankᵢ and alpha = rank (scale 1). Targets where an input is LoHa/LoKr/full diff get an exact dense
-  `diff` module instead (those deltas are no low-rank product).
+  Σ rankᵢ and alpha = rank (scale 1). LoHa/LoKr inputs join through their exact low-rank form
+  (`exact_factors`, rank r₁·r₂) when that is smaller than the dense weight; otherwise, and where an input
+  is a full diff, the target gets an exact dense `diff` module.
 - `add`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` (approximate): the method applied to the
   ups and to the downs separately (library.merge_methods.merge_factors: PEFT's non-SVD
   `add_weighted_adapter`, ComfyUI Power-Merge's LoRA Merger), equal ranks required. Each input's scale is
@@ -157,6 +158,41 @@ def _lora_tensors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...],
             "alpha": torch.tensor(float(rank) if alpha is None else alpha, dtype=torch.float32)}
 
 
+def exact_rank(adapter: Adapter) -> int | None:
+    """Rank of the adapter's exact low-rank form: a LoRA's rank, r₁·r₂ for LoHa/LoKr, None for a full diff."""
+    if adapter.kind == "lora":
+        return adapter.rank
+    return adapter.exact_rank if hasattr(adapter, "exact_factors") else None
+
+
+def concat_rank(group: Group) -> int | None:
+    """Rank of the exact concat of `group`, or None when it is written as a dense diff: a full diff among the
+    terms, or LoHa/LoKr terms whose stacked factors would be larger than the dense weight itself."""
+    ranks = [exact_rank(t.adapter) for t in group.terms]
+    if any(r is None for r in ranks):
+        return None
+    rank, shape = sum(ranks), group.target.shape
+    if all(t.adapter.kind == "lora" for t in group.terms):
+        return rank  # plain LoRAs are always stacked (kohya's concat), whatever the size
+    cols = math.prod(shape[1:])
+    return rank if rank * (shape[0] + cols) < shape[0] * cols else None
+
+
+def concat_elements(group: Group) -> int:
+    """Number of values the concat of `group` writes (factors, or the dense diff)."""
+    rank, shape = concat_rank(group), group.target.shape
+    return math.prod(shape) if rank is None else rank * (shape[0] + math.prod(shape[1:]))
+
+
+def _unscaled_factors(term: Term) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) with up @ down = ΔW / scale (flattened); any Tucker core folded into down."""
+    if term.adapter.kind == "lora":
+        up = term.adapter.up
+        return up.float().reshape(up.shape[0], -1), term.adapter.factors()[1]
+    up, down = term.adapter.exact_factors()  # float64; rounding to float32 here is below any stored dtype's
+    return up.float(), down.float()
+
+
 def _concat(terms: list[Term], total: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Stacked factors and alpha with (alpha/R)·up@down = Σ wᵢsᵢ·upᵢ@downᵢ exactly.
 
@@ -167,8 +203,8 @@ def _concat(terms: list[Term], total: int) -> tuple[torch.Tensor, torch.Tensor, 
     common = next((abs(c) for c in coefs if c != 0), 1.0)
     ups, downs = [], []
     for t in terms:
-        up, down = t.adapter.up, t.adapter.factors()[1]  # down with any Tucker core folded in; up unscaled
-        ups.append(_padded(up.float().reshape(up.shape[0], -1), t.rows, total))
+        up, down = _unscaled_factors(t)
+        ups.append(_padded(up, t.rows, total))
         downs.append(down)
     up, down = stack_factors(ups, downs, [c / common for c in coefs])
     return up, down, common * up.shape[1]
@@ -193,7 +229,8 @@ def combine(groups: list[Group], mode: str = "concat", *, density: float = 1.0, 
     for group in groups:
         target, total = group.target, group.target.shape[0]
         name = target.describe()
-        low_rank = all(t.adapter.kind == "lora" for t in group.terms)
+        low_rank = concat_rank(group) is not None if mode == "concat" else all(
+            t.adapter.kind == "lora" for t in group.terms)
         weights = [t.weight for t in group.terms]
         if not low_rank:
             if mode != "concat":

@@ -7,10 +7,11 @@ The plan is made without any maths, so `--dry_run` prints it and stops in a seco
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from library.errors import LoraToolsError
-from library.lora_combine import Group, LayerReport, combine, group_targets
+from library.lora_combine import Group, LayerReport, combine, concat_elements, group_targets
 from library.lora_output import output_dtype, output_format, write_lora
 from library.merge_plan import LoraInput
 from library.metadata import title_of
@@ -59,6 +60,29 @@ class LoraMergePlan:
                              randomized_svd=self.space == DELTA)
 
 
+# A concat output this much larger than its inputs, and at least this large, is announced before any work:
+# stacked ranks and densified LoHa/LoKr deltas can turn a few MB into gigabytes (issue 11 saw 700×).
+BIG_RATIO, BIG_BYTES = 50, 100 * 2**20
+
+
+def size_warning(plan: LoraMergePlan, save_precision: str | None = None) -> str | None:
+    """One line when a concat would write far more than its inputs hold (BIG_RATIO× and BIG_BYTES), else None."""
+    if plan.mode != "concat":
+        return None  # the other modes keep the inputs' (equal) ranks
+    itemsize = output_dtype((i.lora for i in plan.inputs), save_precision).itemsize
+    out_bytes = sum(concat_elements(g) for g in plan.groups) * itemsize
+    in_bytes = sum(os.path.getsize(i.path) for i in plan.inputs if os.path.isfile(i.path))
+    if out_bytes < BIG_BYTES or out_bytes < BIG_RATIO * in_bytes:
+        return None
+    return (f"the concat output will be about {_mb(out_bytes)}, {out_bytes / max(in_bytes, 1):.0f}× its inputs "
+            f"({_mb(in_bytes)}): concat stacks every rank and writes dense deltas where no smaller exact form "
+            f"exists; svd_merge_lora.py --new_rank N gives a LoRA of the rank you choose")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
 @dataclass
 class MergedLora:
     modules: list
@@ -66,6 +90,12 @@ class MergedLora:
     results: dict | None = None  # delta space: library.svd_merge results per layer
     summary: str = "exact"  # one line on the error of the result
     layer_lines: list[str] = field(default_factory=list)  # worst first
+
+    def headline(self, plan: LoraMergePlan) -> str:
+        """One line: how many inputs became how many modules, mode, rank range, format."""
+        ranks = [r.rank for r in self.reports if r.rank is not None]
+        return (f"{len(plan.inputs)} {plan.family} LoRA(s) -> {len(self.modules)} modules, mode {plan.mode}, "
+                f"rank {min(ranks, default=0)}..{max(ranks, default=0)}, format {plan.fmt}")
 
 
 def plan_lora_merge(inputs: list[LoraInput], mode: str, fmt: str | None, save_to: str | None,

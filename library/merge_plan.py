@@ -163,3 +163,33 @@ def _place_module(plan: Plan, reader, keys: set[str], inp: LoraInput, module: Mo
     for c in changes:
         plan.add(c)
     plan.matched.append((inp.path, module.source, module.target.component))
+
+
+def family_hint(family: str | None, sdxl: bool = False, v2: bool = False) -> str | None:
+    """The family --family / sd-scripts' --sdxl / --v2 name, refusing flags that contradict each other."""
+    flagged = "sdxl" if sdxl else "sd2" if v2 else None
+    if sdxl and v2:
+        raise LoraToolsError("--sdxl and --v2 contradict each other")
+    if family and flagged and family != flagged:
+        raise LoraToolsError(f"--{'sdxl' if sdxl else 'v2'} contradicts --family {family}")
+    return family or flagged
+
+
+def choose_layout(reader, path: str, family: str | None = None, sdxl: bool = False, v2: bool = False):
+    """The checkpoint's family and layout: detected, checked against --sdxl/--v2/--family; a checkpoint that
+    holds only part of a model takes --family's partial layout."""
+    from library.formats import FAMILIES
+    from library.formats.checkpoint import detect_checkpoint_layout, partial_layout
+
+    hint = family_hint(family, sdxl, v2)
+    if family and family not in FAMILIES:
+        raise LoraToolsError(f"unknown --family {family!r}; known: {', '.join(FAMILIES)}")
+    layout = detect_checkpoint_layout(reader, family=family)
+    if layout is None:
+        if family:
+            return partial_layout(reader, family) or CheckpointLayout(family)
+        raise LoraToolsError("cannot tell which model family this checkpoint is; pass --family", file=path)
+    if hint and layout.family.name != hint:
+        flag = "--family" if family else "--sdxl" if sdxl else "--v2"
+        raise LoraToolsError(f"{flag} says {hint} but the checkpoint is {layout.family.name}", file=path)
+    return layout

@@ -7,9 +7,12 @@ precision mostly took.
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from library.checkpoint_apply import ApplyResult
+from library.console import warn
+
+if TYPE_CHECKING:  # no torch at import: the scripts' --help imports this module
+    from library.checkpoint_apply import ApplyResult
 
 PRINT_LIMIT = 20  # lines printed with -v before "... and N more" (all with -vv)
 LOSSY = 0.05  # warn when storage rounding took more than this share of a tensor's delta (fp8 outputs)
@@ -44,3 +47,11 @@ def report_lines(save_to: str, result: ApplyResult, verbose: int, cast_label: st
         lines += [f"  {s.key}: storage rounding took {s.relative_error:.2e} of the delta"
                   for s in result.worst(len(result.changed) if verbose > 1 else PRINT_LIMIT)]
     return lines, warnings
+
+
+def print_report(save_to: str, result: ApplyResult, verbose: int, cast_label: str, file: TextIO | None = None) -> None:
+    """report_lines printed (to `file`, default stdout) and its warnings warned."""
+    lines, warnings = report_lines(save_to, result, verbose, cast_label)
+    print("\n".join(lines), file=file or sys.stdout)
+    for message in warnings:
+        warn(message)

@@ -22,7 +22,7 @@ _EXPORTS = {
     "lora_from_tensors": "library.formats.read", "read_lora": "library.formats.read",
     "FAMILIES": "library.formats.registry",
     "LoraFile": "library.formats.types", "Module": "library.formats.types", "Target": "library.formats.types",
-    "WRITE_FORMATS": "library.formats.write", "lora_tensors": "library.formats.write", "save_lora": "library.formats.write",
+    "WRITE_FORMATS": "library.formats.specs", "lora_tensors": "library.formats.write", "save_lora": "library.formats.write",
 }
 
 

@@ -23,12 +23,11 @@ from library.formats.peft_alpha import KEY as PEFT_METADATA_KEY
 from library.formats.peft_alpha import adapter_metadata
 from library.formats.registry import FAMILIES
 from library.formats.regroup import fuse, kind_of, rank_of, scale_of, split, swap_halves
-from library.formats.specs import FORMATS as SPEC_FORMATS
+from library.formats.specs import WRITE_FORMATS
 from library.formats.types import LoraFile, Module
 from library.safetensors_io import cast_clamped, save_tensors
 from networks import adapter_from_tensors
 
-WRITE_FORMATS = tuple(SPEC_FORMATS)
 FAMILY_KEY = "loratools.family"
 
 

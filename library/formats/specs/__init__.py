@@ -8,6 +8,7 @@ from library.formats.specs import ai_toolkit, comfy, diffusers, kohya
 
 # format name -> its module, in the order formats are listed to users
 FORMATS = {"kohya": kohya, "diffusers": diffusers, "ai-toolkit": ai_toolkit, "comfy": comfy}
+WRITE_FORMATS = tuple(FORMATS)  # the --format / --to choices (torch-free, so --help needs no torch)
 
 
 def write_specs(family: Family) -> dict[str, dict[str, WriteSpec]]:
