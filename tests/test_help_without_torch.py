@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # One script per line, so that branches adding theirs merge as one-line changes.
 SCRIPTS = [

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import flux_merge_lora
 import merge_lora
 from library.cli import run_cli
-from tests.hostile_fixtures import fingerprints, kohya_lora, temp_files
+from tests.helpers import fingerprints, kohya_lora, temp_files
 
 FLUX_MODULE = "lora_unet_double_blocks_0_img_attn_proj"  # kohya name of Flux's double_blocks.0.img_attn.proj
 
