@@ -22,7 +22,7 @@ import torch
 
 from library.checks import NonFiniteTracker
 from library.merge_plan import Contribution, Plan
-from library.safetensors_io import LazyReader, StreamingWriter
+from library.safetensors_io import StreamingWriter
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32 per work buffer: the chunk loop runs in cache
 CHUNK_ELEMENTS_GPU = 1 << 24
@@ -49,23 +49,6 @@ class ApplyResult:
 
     def worst(self, n: int = 5) -> list[KeyStats]:
         return sorted(self.changed, key=lambda s: -s.relative_error)[:n]
-
-
-def read_tensor(reader, key: str) -> torch.Tensor:
-    """The stored tensor, read into a private buffer with file reads (see module docstring)."""
-    header = getattr(reader, "header", None)
-    if not isinstance(reader, LazyReader) or header is None:
-        return reader.get(key)
-    info = header.tensors[key]
-    buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
-    with open(reader.path, "rb") as f:
-        f.seek(header.data_start + info.begin)
-        got = f.readinto(buf.numpy()) if buf.numel() else 0
-    if got != buf.numel():
-        from library.errors import LoraToolsError
-
-        raise LoraToolsError("file ends inside the tensor", file=reader.path, key=key)
-    return buf.view(reader.dtype(key)).reshape(info.shape)
 
 
 @dataclass
@@ -172,12 +155,8 @@ def updated_tensor(stored: torch.Tensor, contributions: list[Contribution], *, o
 
 
 def file_order(reader) -> list[str]:
-    """Keys in the order their bytes lie in the file, so reads and writes stream sequentially."""
-    header = getattr(reader, "header", None)
-    keys = list(reader.keys())
-    if header is None:
-        return keys
-    return sorted(keys, key=lambda k: header.tensors[k].begin)
+    """Keys in the order their bytes lie in the file(s), so reads and writes stream sequentially."""
+    return reader.file_order()
 
 
 def apply_plan(reader, plan: Plan, save_to: str, *, metadata: Mapping[str, str] | None,
@@ -227,10 +206,8 @@ def one_thread(enabled: bool = True):
 
 def _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator, compute_dtype, device, chunk_elements,
             result, nonfinite, measure) -> None:
-    header = getattr(reader, "header", None) if isinstance(reader, LazyReader) else None
-
     def job(key: str, dtype: torch.dtype, contributions) -> tuple[torch.Tensor, KeyStats | None]:
-        stored = read_tensor(reader, key)
+        stored = reader.read(key)  # its own buffer, not the mmap (see the module docstring)
         if not contributions:
             return stored, None  # the writer casts (clamped) to the planned dtype
         measured = measure if measure is not None else dtype.itemsize == 1
@@ -259,10 +236,7 @@ def _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator,
             contributions = plan.contributions.get(key)
             dtype = specs[key][0]
             if not contributions and dtype == reader.dtype(key):  # untouched: copied byte for byte
-                if header is not None:
-                    writer.copy_from_file(key, reader.path, header.data_start + header.tensors[key].begin)
-                else:
-                    writer.write_raw(key, reader.get_raw(key))
+                reader.copy_into(writer, key)
                 result.copied += 1
                 continue
             pending.append((key, pool.submit(job, key, dtype, contributions)))

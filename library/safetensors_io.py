@@ -351,6 +351,12 @@ class LazyReader:
         """The files this reader reads (for provenance hashes and output checks)."""
         return [self.path]
 
+    def file_order(self) -> list[str]:
+        """Keys in the order their bytes lie in the file, so a pass over them reads sequentially."""
+        if self._state is not None:
+            return self.keys()
+        return sorted(self.header.tensors, key=lambda k: self.header.tensors[k].begin)
+
 
 _NOT_PLAIN_TENSORS = ("holds Python objects other than tensors{found}; loratools only loads plain-tensor "
                       "checkpoints and never runs code from a file: convert it to safetensors with a tool you trust")
@@ -708,6 +714,10 @@ class ShardedReader:
 
     def files(self) -> list[str]:
         return [reader.path for reader in self.readers.values()]
+
+    def file_order(self) -> list[str]:
+        """Shard by shard, each in its file order."""
+        return [key for reader in self.readers.values() for key in reader.file_order() if key in self.weight_map]
 
 
 def _find_index(path: str) -> str:

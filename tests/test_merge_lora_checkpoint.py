@@ -392,3 +392,41 @@ def test_order_of_iteration_does_not_change_the_result(tmp_path, monkeypatch):
     merged = load_file(str(out))
     for key, shape in SD1_TARGETS.values():
         assert torch.allclose(merged[key].double(), base[key].double() + delta64(*fa[key], shape), atol=2e-5), key
+
+
+def test_sharded_checkpoint_streams_through_the_reader_without_mmap(tmp_path, monkeypatch):
+    """A checkpoint split in shards gives the same bytes as the single file, and no tensor is read through
+    safetensors' mmap (`get`): changed tensors come from the reader's own `read`, untouched ones are copied."""
+    from library.safetensors_io import LazyReader
+
+    base = sd1_checkpoint(tmp_path / "base.safetensors")
+    sd1_lora(tmp_path / "a.safetensors")
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    keys = sorted(base)
+    halves = {"m-00001-of-00002.safetensors": keys[: len(keys) // 2], "m-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for shard, names in halves.items():
+        save_file({k: base[k] for k in names}, str(folder / shard))
+    weight_map = {k: shard for shard, names in halves.items() for k in names}
+    (folder / "m.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    single = tmp_path / "single.safetensors"
+    run("--sd_model", tmp_path / "base.safetensors", "--models", tmp_path / "a.safetensors", "--ratios", 0.6,
+        "--save_to", single, "--family", "sd1", "--no_metadata")
+
+    plain_get = LazyReader.get
+
+    def no_mmap(self, key):
+        if os.path.dirname(self.path) == str(folder):  # the LoRA itself is small: read as usual
+            raise AssertionError(f"{key} read through the mmap")
+        return plain_get(self, key)
+
+    monkeypatch.setattr(LazyReader, "get", no_mmap)
+    sharded = tmp_path / "from_shards.safetensors"
+    run("--sd_model", folder, "--models", tmp_path / "a.safetensors", "--ratios", 0.6, "--save_to", sharded,
+        "--family", "sd1", "--no_metadata")
+    monkeypatch.undo()
+    want, got = load_file(str(single)), load_file(str(sharded))
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key].view(torch.uint8) if want[key].dim() else want[key],
+                           got[key].view(torch.uint8) if got[key].dim() else got[key]), key
