@@ -16,11 +16,10 @@ import torch
 
 from library.errors import AmbiguousFamilyError, LoraToolsError
 from library.extract.layers import ExtractedLayer, ExtractOptions
-from library.extract.naming import GENERIC_STYLES, Naming, generic_tensors, module_name, peft_adapter_metadata
+from library.extract.naming import Naming, generic_tensors, module_name, peft_adapter_metadata
 from library.extract.pairs import CheckpointPair
+from library.extract.styles import GENERIC_STYLES
 from library.metadata import lora_metadata, minimal_metadata
-
-OUTPUT_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy", "peft")
 
 
 @dataclass
