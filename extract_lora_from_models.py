@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from library.cli import add_common_args, prepare_output, progress, resolve_device, run_cli, warn
-from library.errors import LoraToolsError
-from library.extract.layers import ExtractOptions, plan_layers, run_extraction
-from library.extract.output import OUTPUT_FORMATS, NamingOptions, choose_naming, output_tensors_and_metadata
-from library.extract.pairs import CheckpointPair
-from library.extract.report import build_report, format_layer, format_summary, write_report
-from library.metadata import provenance
-from library.safetensors_io import parse_dtype, save_tensors
+# Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
+from library.cli import add_common_args, finite_float, nonnegative_int, positive_int, prepare_output, progress, run_cli, warn
+from library.extract.styles import OUTPUT_FORMATS
+from library.lowrank_rules import DYNAMIC_METHODS, check_dynamic_flags, check_quantile
 
-DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 SCRIPT = "extract_lora_from_models.py"
 
 
@@ -29,9 +24,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_org", required=True, help="base checkpoint (.safetensors, or .ckpt loaded safely)")
     p.add_argument("--model_tuned", required=True, help="fine-tuned checkpoint; the LoRA is tuned − base")
     p.add_argument("--save_to", help="output LoRA (.safetensors)")
-    p.add_argument("--dim", "--rank", dest="dim", type=int, default=4,
+    p.add_argument("--dim", "--rank", dest="dim", type=positive_int, default=4,
                    help="rank of Linear and 1x1 conv layers; the cap of --dynamic_method (default 4; --rank as ComfyUI)")
-    p.add_argument("--conv_dim", type=int, default=None,
+    p.add_argument("--conv_dim", type=positive_int, default=None,
                    help="rank of 3x3 (k×k) convs; without it they are not extracted (sd-scripts' default)")
     p.add_argument("--lora_type", choices=("standard", "full_diff"), default="standard",
                    help="standard: low-rank pairs; full_diff: every weight's whole difference as `diff`")
@@ -50,16 +45,17 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--v_parameterization", action="store_true", help="accepted for compatibility (metadata only)")
     p.add_argument("--dynamic_method", choices=DYNAMIC_METHODS, default=None,
                    help="choose each layer's rank by its singular values (resize_lora's rules), capped by --dim")
-    p.add_argument("--dynamic_param", type=float, default=None, help="parameter of --dynamic_method")
-    p.add_argument("--min_diff", type=float, default=0.0,
+    p.add_argument("--dynamic_param", type=finite_float, default=None,
+                   help="parameter of --dynamic_method: ≥ 1 for sv_ratio, in (0, 1] for sv_fro and sv_cumulative")
+    p.add_argument("--min_diff", type=finite_float, default=0.0,
                    help="skip (and list) each layer whose largest |difference| is below this. Applied per layer, "
                         "unlike sd-scripts which used it once for the whole text encoder (default 0)")
-    p.add_argument("--clamp_quantile", type=float, default=None,
+    p.add_argument("--clamp_quantile", type=finite_float, default=None,
                    help="clamp the factors to this quantile of their values, as sd-scripts did by default (0.99); "
                         "off unless given, because the clamp only adds error")
     p.add_argument("--exact_svd", action="store_true", help="exact SVD per layer instead of the randomized one")
-    p.add_argument("--svd_iters", type=int, default=2, help="power iterations of the randomized SVD (default 2)")
-    p.add_argument("--oversample", type=int, default=None,
+    p.add_argument("--svd_iters", type=nonnegative_int, default=2, help="power iterations of the randomized SVD (default 2)")
+    p.add_argument("--oversample", type=nonnegative_int, default=None,
                    help="extra columns of the randomized sketch (default: the rank itself, at least 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketches (per layer)")
     p.add_argument("--load_precision", default=None, choices=("float", "fp32", "fp16", "bf16"),
@@ -74,15 +70,16 @@ def setup_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options_from_args(args: argparse.Namespace) -> ExtractOptions:
-    if args.dim < 1 or (args.conv_dim is not None and args.conv_dim < 1):
-        raise LoraToolsError("--dim and --conv_dim must be at least 1")
-    if args.dynamic_method and args.dynamic_param is None:
-        raise LoraToolsError(f"--dynamic_method {args.dynamic_method} needs --dynamic_param")
-    if args.oversample is not None and args.oversample < 0:
-        raise LoraToolsError("--oversample must be ≥ 0")
-    if args.clamp_quantile is not None and not 0 < args.clamp_quantile <= 1:
-        raise LoraToolsError("--clamp_quantile must be in (0, 1]")
+def options_from_args(args: argparse.Namespace):
+    from library.cli import resolve_device
+    from library.errors import LoraToolsError
+    from library.extract.layers import ExtractOptions
+    from library.safetensors_io import parse_dtype
+
+    check_dynamic_flags(args.dynamic_method, args.dynamic_param)
+    check_quantile(args.clamp_quantile)
+    if args.min_diff < 0:
+        raise LoraToolsError(f"--min_diff: value {args.min_diff:g} must be 0 or more (a largest |difference|)")
     if args.v2 and args.sdxl:
         raise LoraToolsError("--v2 and --sdxl cannot both be given")
     return ExtractOptions(
@@ -94,6 +91,13 @@ def options_from_args(args: argparse.Namespace) -> ExtractOptions:
 
 
 def main(args: argparse.Namespace) -> dict:
+    from library.errors import LoraToolsError
+    from library.extract.layers import plan_layers, run_extraction
+    from library.extract.output import NamingOptions, choose_naming, output_tensors_and_metadata
+    from library.extract.pairs import CheckpointPair
+    from library.extract.report import build_report, format_layer, format_summary, write_report
+    from library.lora_output import write_named_tensors
+
     options = options_from_args(args)
     inputs = [args.model_org, args.model_tuned]
     save_to = prepare_output(args.save_to, inputs, args)
@@ -122,10 +126,12 @@ def main(args: argparse.Namespace) -> dict:
     if not kept:
         raise LoraToolsError("every selected layer is identical in both models (or below --min_diff); nothing to save",
                              file=args.model_tuned)
-    record = None if args.no_metadata else provenance(SCRIPT, args, files, seed=args.seed)
-    tensors, metadata = output_tensors_and_metadata(kept, naming, options, save_to, minimal=args.no_metadata,
-                                                    v_parameterization=args.v_parameterization, provenance=record)
-    save_tensors(save_to, tensors, metadata, inputs=inputs, overwrite=args.overwrite, kohya_hashes=True)
+    tensors, metadata = output_tensors_and_metadata(kept, naming, options, save_to,
+                                                    v_parameterization=args.v_parameterization)
+    # alpha in the save dtype, as sd-scripts: it is the rank, rounded by the engine to that dtype already
+    write_named_tensors(save_to, tensors, metadata, dtype=options.save_dtype, alpha_dtype=options.save_dtype,
+                        script=SCRIPT, args=args, inputs=inputs, hashed=files, seed=args.seed,
+                        minimal=args.no_metadata, overwrite=args.overwrite)
     if args.verbose:
         for entry in report["layers"]:
             print(format_layer(entry))

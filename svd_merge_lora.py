@@ -23,32 +23,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from library.checks import refusing_nonfinite
-from library.cli import add_common_args, compute_dtype, prepare_output, progress, resolve_device, run_cli, warn
-from library.errors import LoraToolsError
-from library.lowrank import DYNAMIC_METHODS
+# Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
+from library.cli import add_common_args, finite_float, nonnegative_int, positive_int, prepare_output, progress, run_cli
+from library.formats.specs import FORMATS
+from library.lowrank_rules import DYNAMIC_METHODS, check_dynamic_flags, check_quantile
 from library.methods import DELTA, SIGN_METHODS, mode_choices
-
-PRINT_LIMIT = 40
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    from library.formats import WRITE_FORMATS
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, help="LoRA files (any format loratools reads)")
-    parser.add_argument("--ratios", nargs="*", type=float, default=None,
+    parser.add_argument("--ratios", nargs="*", type=finite_float, default=None,
                         help="strength per model (negative allowed; default 1 each)")
     parser.add_argument("--save_to", default=None, help="output .safetensors")
-    parser.add_argument("--new_rank", "--svd_rank", type=int, default=4,
+    parser.add_argument("--new_rank", "--svd_rank", type=positive_int, default=4,
                         help="rank of Linear and 1×1 conv layers; the cap when --dynamic_method is used (default 4)")
-    parser.add_argument("--new_conv_rank", "--svd_conv_rank", type=int, default=None,
+    parser.add_argument("--new_conv_rank", "--svd_conv_rank", type=positive_int, default=None,
                         help="rank of k×k conv layers (default: --new_rank)")
     parser.add_argument("--mode", default="add", choices=mode_choices(DELTA),
                         help="how the per-layer deltas ratioᵢ·ΔWᵢ are combined before the SVD (default add)")
-    parser.add_argument("--density", type=float, default=1.0,
+    parser.add_argument("--density", type=finite_float, default=1.0,
                         help="ties/dare/magnitude_prune: share of entries kept, in (0, 1] (default 1)")
     parser.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS,
                         help="ties/dare_ties sign election (default total)")
@@ -56,20 +50,21 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dynamic_method", default=None, choices=DYNAMIC_METHODS,
                         help="per-layer rank as resize_lora.py: sv_ratio, sv_fro or sv_cumulative (capped by "
                              "--new_rank / --new_conv_rank)")
-    parser.add_argument("--dynamic_param", type=float, default=None, help="p for --dynamic_method")
-    parser.add_argument("--clamp_quantile", type=float, default=None,
+    parser.add_argument("--dynamic_param", type=finite_float, default=None,
+                        help="p for --dynamic_method: ≥ 1 for sv_ratio, in (0, 1] for sv_fro and sv_cumulative")
+    parser.add_argument("--clamp_quantile", type=finite_float, default=None,
                         help="clip both factors to ±this quantile of their entries (sd-scripts used 0.99 always; "
                              "off by default because it adds error, reported with -v)")
-    parser.add_argument("--svd_oversample", type=int, default=None,
+    parser.add_argument("--svd_oversample", type=nonnegative_int, default=None,
                         help="randomized SVD oversampling for dense layers (default max(rank, 10))")
-    parser.add_argument("--svd_power_iters", type=int, default=2,
+    parser.add_argument("--svd_power_iters", type=nonnegative_int, default=2,
                         help="randomized SVD power iterations for dense layers (default 2)")
     parser.add_argument("--lbws", nargs="*", default=None,
                         help="block weights per model: a webui lora-block-weight string, a JSON list (sd-scripts) "
                              "or a preset name; '-' for none")
     parser.add_argument("--lbw_presets", default=None, help="toml (NAME = \"1,0,…\") or webui lbwpresets.txt file")
-    parser.add_argument("--lbw_x", type=float, default=1.0, help="value of X in block-weight strings (default 1)")
-    parser.add_argument("--format", default=None, choices=WRITE_FORMATS,
+    parser.add_argument("--lbw_x", type=finite_float, default=1.0, help="value of X in block-weight strings (default 1)")
+    parser.add_argument("--format", default=None, choices=tuple(FORMATS),
                         help="output LoRA format (default: that of the first input; LyCORIS and others → kohya)")
     parser.add_argument("--family", default=None, help="model family when detection is ambiguous (sd1, sd2, sdxl, flux1…)")
     parser.add_argument("--allow_unmatched", action="store_true", help="skip input keys that map to no layer")
@@ -79,16 +74,10 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_inputs(args: argparse.Namespace, ratios: list[float]):
-    from library.block_weights import block_weights_for_models
-    from library.inputs import lora_inputs
-
-    block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,
-                                             seed=args.seed, x=args.lbw_x)
-    return lora_inputs(args.models, ratios, block_weights, family=args.family, allow_unmatched=args.allow_unmatched)
-
-
 def settings_from(args: argparse.Namespace):
+    import torch
+
+    from library.cli import compute_dtype, resolve_device, warn
     from library.svd_merge import MergeSettings
 
     dtype = compute_dtype(args)
@@ -102,19 +91,27 @@ def settings_from(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> dict:
-    from library.inputs import ratios_for
+    from library.block_weights import block_weights_for_models
+    from library.checks import refusing_nonfinite
+    from library.errors import LoraToolsError
+    from library.inputs import lora_inputs, ratios_for
     from library.lora_combine import group_targets
     from library.lora_output import output_dtype, output_format, write_lora
     from library.metadata import title_of
     from library.methods import recorded_seed
     from library.svd_merge import merge_layers, uses_factored_route
-    from library.svd_merge_io import jobs_from_groups, layer_line, modules_from_results, summary, write_report
+    from library.svd_merge_io import jobs_from_groups, layer_lines, modules_from_results, summary, summary_line, write_report
 
-    ratios = ratios_for(args.ratios, args.models)
+    ratios = ratios_for(args.ratios, args.models)  # a count that does not match --models: refused before any work
+    check_dynamic_flags(args.dynamic_method, args.dynamic_param)
+    check_quantile(args.clamp_quantile)
     settings = settings_from(args)
     save_to = prepare_output(args.save_to, args.models, args)
+    block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,
+                                             seed=args.seed, x=args.lbw_x)
     with refusing_nonfinite():  # an SVD of NaN/inf is undefined: refuse, naming the file and tensors
-        inputs = read_inputs(args, ratios)
+        inputs = lora_inputs(args.models, ratios, block_weights, family=args.family,
+                             allow_unmatched=args.allow_unmatched)
     family, groups = group_targets(inputs)
     if not groups:
         raise LoraToolsError("nothing to merge: every module has strength 0")
@@ -132,16 +129,8 @@ def main(args: argparse.Namespace) -> dict:
     bar.close()
 
     stats = summary(results)
-    print(f"  rank {stats['rank_out_min']}..{stats['rank_out_max']}; relative error vs the exact merged delta: "
-          f"mean {stats['relative_error_mean']:.3g}, max {stats['relative_error_max']:.3g} ({stats['worst_layer']}); "
-          f"energy retained min {stats['energy_retained_min']:.4f}")
-    if args.verbose:
-        lines = [layer_line(results[j.name].report) for j in jobs]
-        limit = None if args.verbose > 1 else PRINT_LIMIT
-        for line in lines[:limit]:
-            print("  " + line)
-        if limit is not None and len(lines) > limit:
-            print(f"  ... and {len(lines) - limit} more (-vv lists all)")
+    for line in [summary_line(stats)] + layer_lines([results[j.name].report for j in jobs], args.verbose):
+        print("  " + line)
 
     modules = modules_from_results(groups, results)
     seed = recorded_seed(args.seed, mode=settings.mode, block_weights=[i.block_weights for i in inputs],

@@ -22,7 +22,8 @@ from bench.common import PEAK_RSS_SNIPPET, report, run_measured  # noqa: E402
 
 MAKE = r"""
 import sys, re, torch, json
-from library.formats import FAMILIES, save_lora, read_lora
+from library.formats import FAMILIES, read_lora
+from library.lora_output import output_dtype, write_lora as write_through_writer
 from library.safetensors_io import StreamingWriter
 from bench.fixtures import flux_modules, make_lora, write_lora
 ck, lora_kohya, lora_ait = sys.argv[1:4]
@@ -42,7 +43,9 @@ with StreamingWriter(ck, specs, {"bench": "flux"}, overwrite=True) as w:
         w.write(k, (torch.randn(shape, generator=g) * 0.02).to(dt))
 t = make_lora(flux_modules(range(nd), range(ns)), rank, dtype=torch.bfloat16)
 write_lora(lora_kohya, t, {"ss_base_model_version": "flux1"})
-save_lora(lora_ait, read_lora(lora_kohya), fmt="ai-toolkit", overwrite=True)
+kohya = read_lora(lora_kohya)
+write_through_writer(lora_ait, kohya.modules, kohya.family, "ai-toolkit", dtype=output_dtype([kohya]), script="bench",
+                     args=None, inputs=[lora_kohya], base_metadata=kohya.metadata, overwrite=True)
 print(json.dumps({"params": sum(__import__("math").prod(s) for _, s in specs.values())}))
 """
 

@@ -1,12 +1,15 @@
 """The one LoRA writer: every script that writes a LoRA (merge_lora, flux_merge_lora, svd_merge_lora,
-resize_lora, convert_lora) goes through `write_lora`, so the rules below hold for all of them.
+resize_lora, convert_lora, extract_lora_from_models) goes through it, so the rules below hold for all of them.
+`write_lora` takes canonical modules and a family format; `write_named_tensors` is its last stage, for
+tensors already named by the caller (extract's generic PEFT / ComfyUI names have no family format).
 
 - Format: --format / --to, else that of the first input, else kohya (for inputs we read but do not write).
 - Storage dtype without --save_precision: the widest float dtype of the input LoRAs' factor tensors
   (alphas aside), so nothing an input held is rounded: fp16 + fp32 inputs give fp32, and fp16 + bf16
   (neither holds the other) give fp32 too; no float tensor at all gives fp32.
 - alpha is stored in float32 whatever the factors' dtype: a summed rank (384) or a merged scale (3.2) is
-  not exact in bf16, and alpha sets the scale of a whole module.
+  not exact in bf16, and alpha sets the scale of a whole module. (extract keeps sd-scripts' alpha in the
+  save dtype: its alpha is the rank, rounded by the engine to that dtype before the factors were scaled.)
 - Metadata: the first input's, with dims, alphas and modelspec brought up to date (library.metadata);
   `ss_network_dim` / `ss_network_alpha` are read off the modules actually written (rank and alpha
   tensor of each, sd-scripts' meaning), then our provenance, then what the format needs (PEFT config);
@@ -85,14 +88,15 @@ def _shortest_float32(value: float) -> float:
     return value
 
 
-def storage_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Float tensors cast (clamped) to `dtype`, alphas to float32, integers untouched."""
+def storage_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                    alpha_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Float tensors cast (clamped) to `dtype`, alphas to `alpha_dtype` (float32), integers untouched."""
     out = {}
     for key, value in tensors.items():
         if not value.is_floating_point():
             out[key] = value
         elif key.endswith(".alpha") or key == "alpha":
-            out[key] = value.to(torch.float32)
+            out[key] = value.to(alpha_dtype)
         else:
             out[key] = cast_clamped(value, dtype).contiguous()
     return out
@@ -109,13 +113,29 @@ def write_lora(save_to: str, modules: Sequence[Module], family: str, fmt: str, *
     `notes` receives the format's split/fused module lines.
     """
     tensors, format_meta = lora_tensors(modules, family, fmt, notes)
-    tensors = storage_tensors(tensors, dtype)
     ranks, alphas = ranks_and_alphas(modules)
     base = {k: v for k, v in (base_metadata or {}).items() if k != PEFT_METADATA_KEY}
     meta = lora_metadata(base, family=family, ranks=ranks or [0], alphas=alphas or [0], save_to=save_to,
                          merged_from=merged_from, extra=extra)
-    meta.update(provenance(script, args, inputs, seed=seed))
-    meta.update(format_meta)
+    return write_named_tensors(save_to, tensors, meta, dtype=dtype, script=script, args=args, inputs=inputs,
+                               seed=seed, format_metadata=format_meta, minimal=minimal, overwrite=overwrite)
+
+
+def write_named_tensors(save_to: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *,
+                        dtype: torch.dtype, script: str, args: object, inputs: Sequence[str],
+                        hashed: Sequence[str] | None = None, seed: int | None = None,
+                        format_metadata: Mapping[str, str] | None = None, minimal: bool = False,
+                        overwrite: bool = False, alpha_dtype: torch.dtype = torch.float32) -> WrittenLora:
+    """Write tensors under the caller's key names with `metadata` (dims, modelspec: library.metadata), then our
+    provenance of the run and `format_metadata` (PEFT config); `minimal` keeps only what a loader needs.
+
+    `inputs` are what the output must never replace (a sharded checkpoint's folder), `hashed` the files whose
+    sha256 provenance records (its shards; default `inputs`)."""
+    tensors = storage_tensors(tensors, dtype, alpha_dtype)
+    meta = dict(metadata)
+    if not minimal:  # minimal_metadata would drop it: no need to hash the inputs (checkpoints: gigabytes)
+        meta.update(provenance(script, args, inputs if hashed is None else hashed, seed=seed))
+    meta.update(format_metadata or {})
     if minimal:
         meta = minimal_metadata(meta)
     path = save_tensors(save_to, tensors, meta, inputs=inputs, overwrite=overwrite, kohya_hashes=True)

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from library.errors import LoraToolsError
-
-DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+from library.lowrank_rules import DYNAMIC_METHODS
 
 
 @dataclass

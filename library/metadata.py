@@ -107,6 +107,25 @@ def file_sha256(path: str) -> str:
     return _sha_cache[key]
 
 
+def input_keys(paths: Iterable[str]) -> dict[str, str]:
+    """Provenance key -> path: the file name, or where two different files share a name (the base's and the
+    tuned model's `diffusion_pytorch_model-00001-of-00002.safetensors`) the fewest trailing path components
+    that tell them apart (`base/unet/…`, `tuned/unet/…`), so that no input's hash overwrites another's."""
+    unique = list(dict.fromkeys(os.path.normpath(os.path.abspath(os.fspath(p))) for p in paths))
+    parts = {p: p.split(os.sep) for p in unique}
+    depth = dict.fromkeys(unique, 1)
+    while True:
+        keys = {p: "/".join(parts[p][-depth[p]:]) for p in unique}
+        clashes: dict[str, list[str]] = {}
+        for p, key in keys.items():
+            clashes.setdefault(key, []).append(p)
+        grow = [p for group in clashes.values() if len(group) > 1 for p in group if depth[p] < len(parts[p])]
+        if not grow:
+            return {key: p for p, key in keys.items()}
+        for p in grow:
+            depth[p] += 1
+
+
 def provenance(script: str, args: object, inputs: Iterable[str], *, seed: int | None = None) -> dict[str, str]:
     """Our own record of how a file was made: tool version, parameters, inputs' sha256, seed."""
     params = {k: v for k, v in vars(args).items() if k not in ("debug", "verbose", "overwrite", "dry_run")} \
@@ -115,7 +134,8 @@ def provenance(script: str, args: object, inputs: Iterable[str], *, seed: int | 
         PROVENANCE_PREFIX + "version": __version__,
         PROVENANCE_PREFIX + "script": script,
         PROVENANCE_PREFIX + "parameters": json.dumps(params, default=str, sort_keys=True),
-        PROVENANCE_PREFIX + "inputs": json.dumps({os.path.basename(p): file_sha256(p) for p in inputs}, sort_keys=True),
+        PROVENANCE_PREFIX + "inputs": json.dumps({key: file_sha256(p) for key, p in input_keys(inputs).items()},
+                                                 sort_keys=True),
     }
     if seed is not None:
         meta[PROVENANCE_PREFIX + "seed"] = str(seed)

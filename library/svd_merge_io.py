@@ -20,6 +20,8 @@ from library.lora_combine import Group, Term, _padded
 from library.lowrank_engine import LayerResult, summarize
 from library.svd_merge import LayerJob
 
+PRINT_LIMIT = 40  # layer lines printed with -v (-vv prints all)
+
 
 class PlacedAdapter:
     """An adapter on rows [a, b) of a larger target, seen by the engine as one on the whole target.
@@ -87,6 +89,22 @@ def layer_line(report: dict) -> str:
     return (f"{report['target']}: rank {report['rank_in']} -> {report['rank_out']}, "
             f"energy retained {report['energy_retained']:.6f}, relative error {report['relative_error']:.3e} "
             f"[{report['route']}]")
+
+
+def summary_line(stats: dict) -> str:
+    return (f"rank {stats['rank_out_min']}..{stats['rank_out_max']}; relative error vs the exact merged delta: "
+            f"mean {stats['relative_error_mean']:.3g}, max {stats['relative_error_max']:.3g} ({stats['worst_layer']}); "
+            f"energy retained min {stats['energy_retained_min']:.4f}")
+
+
+def layer_lines(reports: list[dict], verbose: int, limit: int = PRINT_LIMIT) -> list[str]:
+    """-v: the first `limit` layers' lines (and how many more); -vv: all of them; none without -v."""
+    if not verbose:
+        return []
+    lines = [layer_line(r) for r in reports]
+    if verbose > 1 or len(lines) <= limit:
+        return lines
+    return lines[:limit] + [f"... and {len(lines) - limit} more (-vv lists all)"]
 
 
 def write_report(path: str, results: dict[str, LayerResult], extra: dict, **where) -> None:

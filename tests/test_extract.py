@@ -5,6 +5,7 @@ Checkpoints use real key names (SDXL LDM, Flux BFL) with the real shape *ratios*
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -407,8 +408,12 @@ def test_sharded_folders_extract_like_single_files(tmp_path):
     for key, value in tensors.items():
         assert torch.equal(value, single[key]), key
     hashed = json.loads(meta["loratools.inputs"])
-    assert set(hashed) == {"diffusion_pytorch_model-00001-of-00002.safetensors",
-                           "diffusion_pytorch_model-00002-of-00002.safetensors"}
+    # Base and tuned shards share their file names: each keeps its own hash (they used to overwrite each other).
+    from library.metadata import file_sha256
+
+    names = ("diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors")
+    assert hashed == {f"{folder}/{name}": file_sha256(os.path.join(path, name))
+                      for folder, path in zip("bt", sharded) for name in names}
 
 
 def test_nonfinite_weights_are_refused_naming_file_and_count(tmp_path, capsys):

@@ -14,7 +14,9 @@ import torch
 
 import flux_merge_lora
 from library.errors import LoraToolsError
-from library.formats import read_lora, save_lora
+from library.formats import read_lora
+from library.lora_output import output_dtype
+from library.lora_output import write_lora as write_through_writer
 from library.safetensors_io import load_tensors, save_tensors
 
 H = 3072
@@ -205,8 +207,9 @@ def test_formats_give_identical_checkpoints(tmp_path):
             "transformer_blocks.0.attn.to_out.0": (H, H)}
     peft_lora(tmp_path / "ait.safetensors", mods, seed=4)
     lora = read_lora(tmp_path / "ait.safetensors", family="flux1")
-    save_lora(tmp_path / "kohya.safetensors", lora, fmt="kohya")
-    save_lora(tmp_path / "diffusers.safetensors", lora, fmt="diffusers")
+    for fmt in ("kohya", "diffusers"):
+        write_through_writer(str(tmp_path / f"{fmt}.safetensors"), lora.modules, lora.family, fmt,
+                             dtype=output_dtype([lora]), script="test", args=None, inputs=[], base_metadata=lora.metadata)
     outs = []
     for name in ("ait", "kohya", "diffusers"):
         out = tmp_path / f"m_{name}.safetensors"

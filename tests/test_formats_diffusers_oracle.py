@@ -13,7 +13,9 @@ import os
 import pytest
 import torch
 
-from library.formats import FAMILIES, Module, Target, lora_tensors, save_lora
+from library.formats import FAMILIES, Module, Target, lora_tensors
+from library.lora_output import write_lora
+from library.safetensors_io import load_tensors
 from networks import adapter_from_tensors
 
 diffusers = pytest.importorskip("diffusers")
@@ -118,7 +120,7 @@ def test_sd1_unet_and_text_encoder_load_in_diffusers(fmt, tmp_path):
     base_unet = {k: v.clone() for k, v in unet.state_dict().items()}
     base_te = {k: v.clone() for k, v in te.state_dict().items()}
     path = tmp_path / "pytorch_lora_weights.safetensors"
-    save_lora(path, unet_mods + te_mods, "sd1", fmt)
+    write_lora(str(path), unet_mods + te_mods, "sd1", fmt, dtype=torch.float32, script="test", args=None, inputs=[])
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(tmp_path), weight_name=path.name,
                                                                       return_lora_metadata=True)
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name="t", metadata=metadata)
@@ -153,7 +155,9 @@ def test_sdxl_unet_and_both_text_encoders_load_in_diffusers(fmt, tmp_path):
     te2_mods, te2_live = modules_for(te2, "sdxl", "clip_g", "te2", prefix=_te_prefix(te2), seed=2, alphas=alphas)
     bases = [{k: v.clone() for k, v in m.state_dict().items()} for m in (unet, te1, te2)]
     path = tmp_path / "pytorch_lora_weights.safetensors"
-    written = save_lora(path, unet_mods + te1_mods + te2_mods, "sdxl", fmt)
+    write_lora(str(path), unet_mods + te1_mods + te2_mods, "sdxl", fmt, dtype=torch.float32, script="test", args=None,
+               inputs=[])
+    written = load_tensors(str(path))[0]
     if fmt == "kohya":
         assert any(k.startswith("lora_unet_input_blocks_7_1_transformer_blocks_9_") for k in written)  # SGM names
     state, net_alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
@@ -236,7 +240,7 @@ def test_flux_peft_output_with_adapter_metadata_loads_in_diffusers(tmp_path):
             live[(slot.key, slot.rows)] = name
     base = {k: v.clone() for k, v in model.state_dict().items()}
     path = tmp_path / "pytorch_lora_weights.safetensors"
-    save_lora(path, mods, "flux1", "diffusers")
+    write_lora(str(path), mods, "flux1", "diffusers", dtype=torch.float32, script="test", args=None, inputs=[])
     state, metadata = FluxPipeline.lora_state_dict(str(tmp_path), weight_name=path.name, return_lora_metadata=True)
     FluxPipeline.load_lora_into_transformer(state, None, transformer=model, adapter_name="t", metadata=metadata)
     model.fuse_lora(lora_scale=1.0)

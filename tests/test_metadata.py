@@ -58,3 +58,21 @@ def test_tags_title_and_hashes_written(tmp_path):
     save_tensors(out, {"w": torch.randn(8, 8)}, {"k": "v"}, kohya_hashes=True)
     meta = read_header(out).metadata
     assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == kohya_hashes_of_file(out)
+
+
+def test_provenance_keeps_the_hash_of_every_input_when_file_names_repeat(tmp_path):
+    """Base and tuned shards with one file name each keep their own sha256 (a name-keyed dict lost one)."""
+    name = "diffusion_pytorch_model-00001-of-00002.safetensors"
+    paths = []
+    for folder, value in (("base", 1.0), ("tuned", 2.0)):
+        (tmp_path / folder / "unet").mkdir(parents=True)
+        paths.append(tmp_path / folder / "unet" / name)
+        save_tensors(paths[-1], {"w": torch.full((4,), value)})
+    single = tmp_path / "other.safetensors"
+    save_tensors(single, {"w": torch.zeros(2)})
+    meta = provenance("extract_lora_from_models.py", None, [str(p) for p in (*paths, single)])
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (*paths, single)}
+    assert sha[paths[0]] != sha[paths[1]]
+    assert json.loads(meta["loratools.inputs"]) == {f"base/unet/{name}": sha[paths[0]],
+                                                    f"tuned/unet/{name}": sha[paths[1]],
+                                                    "other.safetensors": sha[single]}

@@ -163,7 +163,9 @@ def test_dare_is_seeded_per_layer_and_input(tmp_path):
 
 
 def test_flux_fused_qkv_meets_split_q_k_v_from_another_format(tmp_path):
-    from library.formats import read_lora, save_lora
+    from library.formats import read_lora
+    from library.lora_output import output_dtype
+    from library.lora_output import write_lora as write_through_writer
 
     qkv = [m for m in flux_modules(double_blocks=[0], single_blocks=[]) if m.name.endswith("img_attn_qkv")]
     a = make_lora(qkv, 4, alpha=2, seed=11, dtype=torch.float32)
@@ -171,7 +173,9 @@ def test_flux_fused_qkv_meets_split_q_k_v_from_another_format(tmp_path):
     pa = write_lora(str(tmp_path / "a.safetensors"), a, kohya_metadata("flux1", 4, 2))
     pb_kohya = write_lora(str(tmp_path / "b_kohya.safetensors"), b, kohya_metadata("flux1", 4))
     pb = str(tmp_path / "b_peft.safetensors")
-    save_lora(pb, read_lora(pb_kohya), fmt="diffusers")
+    kohya = read_lora(pb_kohya)
+    write_through_writer(pb, kohya.modules, kohya.family, "diffusers", dtype=output_dtype([kohya]), script="test",
+                         args=None, inputs=[pb_kohya], base_metadata=kohya.metadata)
     assert {m.target.rows for m in read_lora(pb).modules} != {None}  # really split into q/k/v row slices
     out = str(tmp_path / "o.safetensors")
     run(["--models", pa, pb, "--ratios", "1", "0.5", "--new_rank", "16", "--save_to", out, "--save_precision", "float"])

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from library.extract.styles import GENERIC_STYLES
+
 if TYPE_CHECKING:
     from library.extract.layers import ExtractedLayer
 
-GENERIC_STYLES = ("peft", "comfy")
 _PEFT_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 
 

@@ -9,18 +9,17 @@ the modules through its writers, so extracted files use exactly the names our co
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from library.errors import AmbiguousFamilyError, LoraToolsError
 from library.extract.layers import ExtractedLayer, ExtractOptions
-from library.extract.naming import GENERIC_STYLES, Naming, generic_tensors, module_name, peft_adapter_metadata
+from library.extract.naming import Naming, generic_tensors, module_name, peft_adapter_metadata
 from library.extract.pairs import CheckpointPair
-from library.metadata import lora_metadata, minimal_metadata
-
-OUTPUT_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy", "peft")
+from library.extract.styles import GENERIC_STYLES
+from library.metadata import lora_metadata
 
 
 @dataclass
@@ -131,11 +130,9 @@ def _detect_one(detect, reader, path: str) -> str | None:
 
 
 def output_tensors_and_metadata(results: Sequence[ExtractedLayer], naming: Naming, options: ExtractOptions, save_to: str, *,
-                                v_parameterization: bool = False, minimal: bool = False,
-                                provenance: Mapping[str, str] | None = None,
-                                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The output tensors and header: dims/alphas, module type, family facts; `minimal` keeps only what loaders
-    need (--no_metadata), otherwise `provenance` (metadata.provenance of the run) is recorded too."""
+                                v_parameterization: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The output tensors and header: dims/alphas, module type, family facts. The LoRA writer
+    (library.lora_output.write_named_tensors) adds the provenance, or keeps only what loaders need."""
     tensors, extra = naming.tensors(results)
     low = [r for r in results if r.rank is not None]
     network_args = {}
@@ -151,7 +148,4 @@ def output_tensors_and_metadata(results: Sequence[ExtractedLayer], naming: Namin
     if v_parameterization and naming.family == "sd2":
         meta["ss_base_model_version"] = "sd_v2_v"
         meta["ss_v2"] = "True"
-    if minimal:
-        return tensors, minimal_metadata(meta)
-    meta.update(provenance or {})
     return tensors, meta

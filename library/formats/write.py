@@ -12,7 +12,6 @@ LoRA: LoHa/LoKr modules are written there as their exact LoRA form, or refused (
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -23,9 +22,7 @@ from library.formats.peft_alpha import KEY as PEFT_METADATA_KEY
 from library.formats.peft_alpha import adapter_metadata
 from library.formats.registry import FAMILIES
 from library.formats.regroup import fuse, kind_of, rank_of, scale_of, split, swap_halves
-from library.formats.specs import WRITE_FORMATS
-from library.formats.types import LoraFile, Module
-from library.safetensors_io import cast_clamped, save_tensors
+from library.formats.types import Module
 from networks import adapter_from_tensors
 
 FAMILY_KEY = "loratools.family"
@@ -259,35 +256,3 @@ def _alpha_tensor_out(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     if alpha is not None:
         return alpha
     return torch.tensor(float(rank_of(tensors)), dtype=torch.float32)
-
-
-def _cast(key: str, value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is None or not value.is_floating_point() or value.dtype == dtype:
-        return value
-    if key.endswith(".alpha"):
-        cast = value.to(dtype)
-        # An alpha the save precision cannot hold exactly stays float32 (it sets the scale of a whole module).
-        return cast if math.isclose(float(cast), float(value), rel_tol=0, abs_tol=0) else value
-    return cast_clamped(value, dtype)
-
-
-def save_lora(path: str | os.PathLike, lora: LoraFile | Iterable[Module], family: str | None = None,
-              fmt: str | None = None, metadata: Mapping[str, str] | None = None,
-              save_dtype: torch.dtype | None = None, inputs: Iterable[str | os.PathLike] = (),
-              overwrite: bool = False) -> dict[str, torch.Tensor]:
-    """Write modules (or a LoraFile) in `fmt`; family/format/metadata default to the LoraFile's."""
-    if isinstance(lora, LoraFile):
-        family = family or lora.family
-        fmt = fmt or (lora.format if lora.format in WRITE_FORMATS else "kohya")
-        metadata = lora.metadata if metadata is None else metadata
-        modules = lora.modules
-    else:
-        modules = list(lora)
-    if family is None or fmt is None:
-        raise LoraToolsError("save_lora needs a family and a format")
-    tensors, extra = lora_tensors(modules, family, fmt)
-    tensors = {k: _cast(k, v, save_dtype).contiguous() for k, v in tensors.items()}
-    meta = {k: v for k, v in (metadata or {}).items() if k not in (PEFT_METADATA_KEY,)}
-    meta.update(extra)
-    save_tensors(path, tensors, meta, inputs=inputs, overwrite=overwrite)
-    return tensors
