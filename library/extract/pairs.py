@@ -16,33 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from library.errors import LoraToolsError
-from library.safetensors_io import LazyReader, ShardedReader, open_checkpoint
+from library.safetensors_io import open_checkpoint
 
 PREVIEW_KEYS = 8
-
-
-def read_tensor(reader: LazyReader | ShardedReader, key: str, *, mmap: bool = False) -> torch.Tensor:
-    """One tensor of a checkpoint, read with a single `readinto` into its own storage (no mmap, no extra copy)."""
-    if isinstance(reader, ShardedReader):
-        reader = reader.readers[reader.shard_of(key)]
-    if mmap or reader.header is None:  # pickled checkpoints are already in memory
-        return reader.get(key)
-    info = reader.header.tensors[key]
-    tensor = torch.empty(info.shape, dtype=reader.dtype(key))
-    if tensor.numel() == 0:
-        return tensor
-    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-    with open(reader.path, "rb") as f:
-        f.seek(reader.header.data_start + info.begin)
-        if f.readinto(view) != info.end - info.begin:
-            raise LoraToolsError("file ended inside the tensor's data (truncated?)", file=reader.path, key=key)
-    return tensor
-
-
-def reader_files(reader: LazyReader | ShardedReader) -> list[str]:
-    if isinstance(reader, ShardedReader):
-        return [shard.path for shard in reader.readers.values()]
-    return [reader.path]
 
 
 def first_keys(keys: Sequence[str], count: int = PREVIEW_KEYS) -> str:
@@ -123,7 +99,7 @@ class CheckpointPair:
 
     def files(self) -> list[str]:
         """Every file the pair reads (a sharded checkpoint's shards, not its folder): what provenance hashes."""
-        return [path for reader in (self.base, self.tuned) for path in reader_files(reader)]
+        return [path for reader in (self.base, self.tuned) for path in reader.files()]
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.base.shape(key))
@@ -132,4 +108,6 @@ class CheckpointPair:
         return self.base.dtype(key)
 
     def read(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return read_tensor(self.base, key, mmap=self.mmap), read_tensor(self.tuned, key, mmap=self.mmap)
+        if self.mmap:  # the old path, kept for comparison (`--mmap`)
+            return self.base.get(key), self.tuned.get(key)
+        return self.base.read(key), self.tuned.read(key)
