@@ -17,8 +17,17 @@ import os
 import sys
 
 # Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
-from library.cli import add_common_args, finite_float, nonnegative_int, positive_int, prepare_output, progress, run_cli, warn
-from library.lowrank_rules import DYNAMIC_METHODS, check_dynamic_flags
+from library.cli import (
+    add_common_args,
+    add_dynamic_rank_args,
+    nonnegative_int,
+    positive_int,
+    prepare_output,
+    progress,
+    run_cli,
+    warn,
+)
+from library.lowrank_rules import check_dynamic_flags
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -29,11 +38,8 @@ def setup_parser() -> argparse.ArgumentParser:
                         help="rank for Linear and 1×1 conv layers; the cap when --dynamic_method is given (default 4)")
     parser.add_argument("--new_conv_rank", type=positive_int, default=None,
                         help="rank (or cap) for k×k conv layers (default: --new_rank)")
-    parser.add_argument("--dynamic_method", default=None, choices=DYNAMIC_METHODS,
-                        help="choose the rank per layer: sv_ratio (keep σ > σ₀/p), sv_fro (keep a p share of the "
-                             "Frobenius norm), sv_cumulative (keep a p share of Σσ)")
-    parser.add_argument("--dynamic_param", type=finite_float, default=None,
-                        help="p for --dynamic_method: ≥ 1 for sv_ratio, in (0, 1] for sv_fro and sv_cumulative")
+    add_dynamic_rank_args(parser, "choose the rank per layer: sv_ratio (keep σ > σ₀/p), sv_fro (keep a p share of the "
+                               "Frobenius norm), sv_cumulative (keep a p share of Σσ)")
     parser.add_argument("--remove_conv_dims", action="store_true", help="drop the k×k conv (LoCon) layers")
     parser.add_argument("--remove_linear_dims", action="store_true", help="drop the Linear and 1×1 conv layers")
     parser.add_argument("--base_model", default=None,

@@ -24,9 +24,18 @@ import argparse
 import sys
 
 # Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
-from library.cli import add_common_args, finite_float, nonnegative_int, positive_int, prepare_output, progress, run_cli
+from library.cli import (
+    add_common_args,
+    add_dynamic_rank_args,
+    finite_float,
+    nonnegative_int,
+    positive_int,
+    prepare_output,
+    progress,
+    run_cli,
+)
 from library.formats.specs import FORMATS
-from library.lowrank_rules import DYNAMIC_METHODS, check_dynamic_flags, check_quantile
+from library.lowrank_rules import check_dynamic_flags, check_quantile
 from library.methods import DELTA, SIGN_METHODS, mode_choices
 
 
@@ -47,11 +56,8 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS,
                         help="ties/dare_ties sign election (default total)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE masks and of the randomized SVD")
-    parser.add_argument("--dynamic_method", default=None, choices=DYNAMIC_METHODS,
-                        help="per-layer rank as resize_lora.py: sv_ratio, sv_fro or sv_cumulative (capped by "
-                             "--new_rank / --new_conv_rank)")
-    parser.add_argument("--dynamic_param", type=finite_float, default=None,
-                        help="p for --dynamic_method: ≥ 1 for sv_ratio, in (0, 1] for sv_fro and sv_cumulative")
+    add_dynamic_rank_args(parser, "per-layer rank as resize_lora.py: sv_ratio, sv_fro or sv_cumulative (capped by "
+                               "--new_rank / --new_conv_rank)")
     parser.add_argument("--clamp_quantile", type=finite_float, default=None,
                         help="clip both factors to ±this quantile of their entries (sd-scripts used 0.99 always; "
                              "off by default because it adds error, reported with -v)")

@@ -121,6 +121,16 @@ def _rephrase(parser: argparse.ArgumentParser, message: str) -> str:
 
 # ---- shared flags, config, parsing -------------------------------------------------------------------------
 
+def add_dynamic_rank_args(parser: argparse.ArgumentParser, method_help: str) -> None:
+    """--dynamic_method / --dynamic_param, as resize_lora.py and svd_merge_lora.py share them (sd-scripts' names);
+    the range of p per method is checked by `lowrank_rules.check_dynamic_flags` once both are known."""
+    from library.lowrank_rules import DYNAMIC_METHODS
+
+    parser.add_argument("--dynamic_method", default=None, choices=DYNAMIC_METHODS, help=method_help)
+    parser.add_argument("--dynamic_param", type=finite_float, default=None,
+                        help="p for --dynamic_method: ≥ 1 for sv_ratio, in (0, 1] for sv_fro and sv_cumulative")
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, device: bool = True,
                     precision: bool = True, save_default: str = "that of the input") -> argparse.ArgumentParser:
     one_line_errors(parser)

@@ -15,6 +15,9 @@ SCRIPTS = [
     "flux_merge_lora.py",
     "convert_lora.py",
     "lora_info.py",
+    "svd_merge_lora.py",
+    "resize_lora.py",
+    "extract_lora_from_models.py",
 ]
 
 PROBE = (
