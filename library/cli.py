@@ -91,7 +91,9 @@ def _rephrase(parser: argparse.ArgumentParser, message: str) -> str:
     argument = re.fullmatch(r"argument (?P<names>[^:]+): (?P<rest>.*)", message)
     if argument:
         names, rest = argument["names"], argument["rest"]
-        flag = names.split("/")[-1]  # "-v/--verbose" → the long form
+        spellings = names.split("/")
+        # the first long spelling: "-v/--verbose" → --verbose, "--new_rank/--svd_rank" → the main name
+        flag = next((n for n in spellings if n.startswith("--")), spellings[-1])
         action = next((a for a in parser._actions if "/".join(a.option_strings) == names
                        or (not a.option_strings and (a.metavar or a.dest) == names)), None)
         choice = re.match(r"invalid choice: (?P<value>.*?) \(choose from", rest)

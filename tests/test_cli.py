@@ -13,6 +13,7 @@ from library.cli import (
     density,
     finite_float,
     nonnegative_int,
+    one_line_errors,
     parse_args,
     positive_int,
     prepare_output,
@@ -188,3 +189,14 @@ def test_precision_names_without_torch_and_sd_scripts_fp8():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def test_one_line_error_names_the_main_spelling_of_an_aliased_flag(capsys):
+    parser = one_line_errors(argparse.ArgumentParser(prog="demo"))
+    parser.add_argument("--new_rank", "--svd_rank", type=positive_int, default=4)
+    parser.add_argument("-v", "--verbose", type=positive_int, default=1)
+    for argv, flag in ((["--svd_rank", "-2"], "--new_rank"), (["--new_rank", "0"], "--new_rank"), (["-v", "x"], "--verbose")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"demo: error: {flag}: value "), err
