@@ -102,11 +102,9 @@ def main(args: argparse.Namespace) -> dict:
     from library.errors import LoraToolsError
     from library.inputs import lora_inputs, ratios_for
     from library.lora_combine import group_targets
-    from library.lora_output import output_dtype, output_format, write_lora
-    from library.metadata import title_of
-    from library.methods import recorded_seed
+    from library.lora_output import output_format
     from library.svd_merge import merge_layers, uses_factored_route
-    from library.svd_merge_io import jobs_from_groups, layer_lines, modules_from_results, summary, summary_line, write_report
+    from library.svd_merge_io import jobs_from_groups, layer_lines, summary, summary_line, write_merged
 
     ratios = ratios_for(args.ratios, args.models)  # a count that does not match --models: refused before any work
     check_dynamic_flags(args.dynamic_method, args.dynamic_param)
@@ -122,8 +120,7 @@ def main(args: argparse.Namespace) -> dict:
     if not groups:
         raise LoraToolsError("nothing to merge: every module has strength 0")
     jobs = jobs_from_groups(groups, len(inputs))
-    first = inputs[0].lora
-    fmt = output_format(args.format, first)
+    fmt = output_format(args.format, inputs[0].lora)
     factored = sum(uses_factored_route(j, settings) for j in jobs)
     print(f"{len(inputs)} {family} LoRA(s) -> {len(jobs)} layers, mode {settings.mode}, format {fmt}: "
           f"{factored} exact factored, {len(jobs) - factored} dense (randomized SVD)")
@@ -138,17 +135,12 @@ def main(args: argparse.Namespace) -> dict:
     for line in [summary_line(stats)] + layer_lines([results[j.name].report for j in jobs], args.verbose):
         print("  " + line)
 
-    modules = modules_from_results(groups, results)
-    seed = recorded_seed(args.seed, mode=settings.mode, block_weights=[i.block_weights for i in inputs],
-                         randomized_svd=factored < len(jobs))
-    write_lora(save_to, modules, family, fmt, dtype=output_dtype((i.lora for i in inputs), args.save_precision),
-               script="svd_merge_lora.py", args=args, inputs=args.models, base_metadata=first.metadata,
-               merged_from=[title_of(p, i.lora.metadata) for p, i in zip(args.models, inputs)], seed=seed,
-               minimal=args.no_metadata, overwrite=args.overwrite)
-    if args.report:
-        write_report(args.report, results, {"models": args.models, "ratios": ratios, "mode": settings.mode,
-                                            "family": family, "format": fmt, "save_to": save_to},
-                     inputs=args.models, overwrite=args.overwrite, other_outputs={"--save_to": save_to})
+    modules = write_merged(save_to, groups, results, inputs, family, fmt, mode=settings.mode, seed=args.seed,
+                           randomized_svd=factored < len(jobs), save_precision=args.save_precision,
+                           report=args.report, report_extra={"models": args.models, "ratios": ratios,
+                                                             "mode": settings.mode, "family": family, "format": fmt,
+                                                             "save_to": save_to},
+                           args=args, minimal=args.no_metadata, overwrite=args.overwrite)
     print(f"wrote {save_to}")
     return {"results": results, "summary": stats, "save_to": save_to, "modules": modules}
 

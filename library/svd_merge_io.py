@@ -115,3 +115,26 @@ def write_report(path: str, results: dict[str, LayerResult], extra: dict, **wher
     layers = [{k: clean(v) for k, v in r.report.items()} for r in results.values()]
     write_text(path, json.dumps({**extra, "summary": summary(results), "layers": layers}, indent=1, default=str),
                flag="--report", **where)
+
+
+def write_merged(save_to: str, groups: list[Group], results: dict[str, LayerResult], inputs, family: str, fmt: str,
+                 *, mode: str, seed: int, randomized_svd: bool, save_precision: str | None, report: str | None,
+                 report_extra: dict, args: object, minimal: bool = False, overwrite: bool = False) -> list[Module]:
+    """The merged LoRA through the one writer (the seed recorded only when something drew from it), then the
+    `--report` JSON, checked against the inputs and the LoRA just written. `args` only feeds provenance."""
+    from library.lora_output import output_dtype, write_lora
+    from library.metadata import title_of
+    from library.methods import recorded_seed
+
+    modules = modules_from_results(groups, results)
+    paths = [i.path for i in inputs]
+    write_lora(save_to, modules, family, fmt, dtype=output_dtype((i.lora for i in inputs), save_precision),
+               script="svd_merge_lora.py", args=args, inputs=paths, base_metadata=inputs[0].lora.metadata,
+               merged_from=[title_of(i.path, i.lora.metadata) for i in inputs],
+               seed=recorded_seed(seed, mode=mode, block_weights=[i.block_weights for i in inputs],
+                                  randomized_svd=randomized_svd),
+               minimal=minimal, overwrite=overwrite)
+    if report:
+        write_report(report, results, report_extra, inputs=paths, overwrite=overwrite,
+                     other_outputs={"--save_to": save_to})
+    return modules
