@@ -66,27 +66,21 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     from library.cli import resolve_device  # asks accelerate, which imports torch
-    from library.flux_merge import TEXT_ENCODERS, check_mode, encoder_pairs, input_lines, output_flags, read_flux_lora
+    from library.flux_merge import TEXT_ENCODERS, check_mode, encoder_pairs, output_flags, print_inputs, read_flux_lora
     from library.inputs import lora_inputs, ratios_for
 
     ratios_for(args.ratios, args.models)  # counts checked before anything is read
     into_model = any((args.flux_model, args.clip_l, args.t5xxl))
     mode = check_mode(into_model, args.mode, args.concat, args.shuffle)
-    encoders = {c: (getattr(args, flag), getattr(args, f"{flag}_save_to")) for c, (flag, _p) in TEXT_ENCODERS.items()}
-    encoder_pairs(encoders)
+    encoders = encoder_pairs({c: (getattr(args, f), getattr(args, f"{f}_save_to")) for c, (f, _p) in TEXT_ENCODERS.items()})
     # Every output against every input and every other output, before the first file is read.
-    outputs = output_flags(args.save_to, encoders, args.te_lora_save_to)
-    if not into_model:
-        outputs.setdefault("--save_to", None)  # required there (unless --dry_run): prepare_output says so now
+    outputs = output_flags(args.save_to, encoders, args.te_lora_save_to, into_model=into_model)
     models = [*args.models, *(m for m in (args.flux_model, args.clip_l, args.t5xxl) if m)]
     for flag, path in outputs.items():
         prepare_output(path, models, args, flag=flag, other_outputs={f: p for f, p in outputs.items() if f != flag})
     device = resolve_device(args.working_device)
     inputs = lora_inputs(args.models, args.ratios, reader=lambda p: read_flux_lora(p, args.allow_unmatched))
-    lines, warnings = input_lines(inputs)
-    print("\n".join(lines), file=sys.stderr)
-    for message in warnings:
-        warn(message)
+    print_inputs(inputs)
     if into_model:
         return merge_into_models(args, inputs, encoders, device)
     return merge_into_lora(args, inputs, mode, device, args.save_to, args.format)
@@ -105,11 +99,7 @@ def merge_into_lora(args, inputs: list, mode: str, device, save_to: str | None, 
         print(f"{label}, dry run, nothing written:\n  " + "\n  ".join(plan.lines()), file=sys.stderr)
         return {"plan": plan}
     merged = run_lora_merge(plan)
-    comps = sorted({m.target.component for m in merged.modules})
-    line = merged.summary if plan.mode == "concat" or merged.results is not None else (
-        f"approximate: {merged.summary} (the svd modes work in delta space)")
-    print(f"{label}: {len(merged.modules)} modules ({', '.join(comps)}), mode {mode}, format {plan.fmt}: {line}",
-          file=sys.stderr)
+    print(merged.component_line(plan, label), file=sys.stderr)
     write_merged(plan, merged, script=SCRIPT, args=args, save_precision=args.save_precision,
                  no_metadata=args.no_metadata, overwrite=args.overwrite)
     print(f"saved {save_to}", file=sys.stderr)

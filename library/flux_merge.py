@@ -12,9 +12,11 @@ diffusers layout).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from library.console import warn
 from library.errors import LoraToolsError
 from library.formats import FAMILIES, CheckpointLayout, LoraFile, Target, read_lora
 from library.formats.checkpoint import detect_checkpoint_layout, partial_layout
@@ -168,32 +170,33 @@ def check_mode(into_model: bool, mode: str | None, concat: bool, shuffle: bool) 
     return mode or "concat"
 
 
-def encoder_pairs(encoders: dict[str, tuple[str | None, str | None]]) -> None:
-    """Each text encoder's checkpoint and output come together (component -> (checkpoint, save_to))."""
+def encoder_pairs(encoders: dict[str, tuple[str | None, str | None]]) -> dict[str, tuple[str | None, str | None]]:
+    """`encoders` (component -> (checkpoint, save_to)), checked: each checkpoint and its output come together."""
     for comp, (model, out) in encoders.items():
         flag = TEXT_ENCODERS[comp][0]
         if bool(model) != bool(out):
             raise LoraToolsError(f"--{flag} and --{flag}_save_to go together")
+    return encoders
 
 
 def output_flags(save_to: str | None, encoders: dict[str, tuple[str | None, str | None]],
-                 te_lora_save_to: str | None) -> dict[str, str]:
-    """Every output path given, by flag, so that each is checked against the inputs and the others first."""
+                 te_lora_save_to: str | None, *, into_model: bool) -> dict[str, str | None]:
+    """Every output path given, by flag, so that each is checked against the inputs and the others first.
+    Into one LoRA, `--save_to` is listed even when absent: it is required there (prepare_output says so)."""
     given = {"--save_to": save_to, "--te_lora_save_to": te_lora_save_to,
              **{f"--{TEXT_ENCODERS[c][0]}_save_to": out for c, (_m, out) in encoders.items()}}
-    return {flag: path for flag, path in given.items() if path}
+    return {flag: path for flag, path in given.items() if path or (flag == "--save_to" and not into_model)}
 
 
-def input_lines(inputs: list[LoraInput]) -> tuple[list[str], list[str]]:
-    """(lines, warnings) describing the LoRAs read: format, modules, components, keys skipped."""
-    lines, warnings = [], []
+def print_inputs(inputs: list[LoraInput]) -> None:
+    """One stderr line per LoRA read (format, modules, components); a warning where keys were skipped."""
     for inp in inputs:
         comps = sorted({m.target.component for m in inp.lora.modules})
-        lines.append(f"{inp.path}: FLUX.1 {inp.lora.format} LoRA, {len(inp.lora.modules)} modules ({', '.join(comps)})")
+        print(f"{inp.path}: FLUX.1 {inp.lora.format} LoRA, {len(inp.lora.modules)} modules ({', '.join(comps)})",
+              file=sys.stderr)
+    for inp in inputs:
         if inp.lora.unmatched:
-            warnings.append(f"{inp.path}: {len(inp.lora.unmatched)} keys match nothing and are skipped "
-                            f"(--allow_unmatched)")
-    return lines, warnings
+            warn(f"{inp.path}: {len(inp.lora.unmatched)} keys match nothing and are skipped (--allow_unmatched)")
 
 
 def checkpoint_meta(reader, model: str, save_to: str, component: str, inputs: list[LoraInput], *, script: str,

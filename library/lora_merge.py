@@ -91,6 +91,14 @@ class MergedLora:
     summary: str = "exact"  # one line on the error of the result
     layer_lines: list[str] = field(default_factory=list)  # worst first
 
+    def component_line(self, plan: LoraMergePlan, label: str) -> str:
+        """flux_merge_lora.py's line: modules per component, mode, format, and how exact the result is."""
+        comps = sorted({m.target.component for m in self.modules})
+        exactness = self.summary if plan.mode == "concat" or self.results is not None else (
+            f"approximate: {self.summary} (the svd modes work in delta space)")
+        return (f"{label}: {len(self.modules)} modules ({', '.join(comps)}), mode {plan.mode}, format {plan.fmt}: "
+                f"{exactness}")
+
     def headline(self, plan: LoraMergePlan) -> str:
         """One line: how many inputs became how many modules, mode, rank range, format."""
         ranks = [r.rank for r in self.reports if r.rank is not None]
