@@ -291,7 +291,7 @@ def run_cli(setup_parser: Callable[[], argparse.ArgumentParser], main: Callable[
     SIGTERM and SIGHUP unwind like Ctrl-C (temporary files are removed) and end the run with one line and
     status 128 + the signal number; Ctrl-C gives 130.
     """
-    parser = one_line_errors(setup_parser())
+    parser = setup_parser()  # parse_args makes its errors one line
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     prog = os.path.basename(sys.argv[0]) if argv is None else parser.prog
     mark = destination.committed_count()

@@ -92,6 +92,7 @@ class LowRankJob:
     seed_name: str | None = None  # what the sketch's seed derives from with the run's seed (default: name)
     rank_in: int | None = None  # for the report; default Σ rank of the parts
     scratch: bool = False  # the engine may overwrite `dense` (extract's own buffer: no second copy of a layer)
+    total_sq: float | None = None  # ‖dense‖_F² (dense_sq_norm) when the caller has measured it already
 
     @property
     def factored(self) -> bool:
@@ -255,7 +256,7 @@ def run_dense(job: LowRankJob, settings: EngineSettings) -> LayerResult:
     """One dense job. With `job.scratch` the residual is formed in the matrix itself (no second copy)."""
     matrix = job.dense() if callable(job.dense) else job.dense
     matrix = matrix.reshape(job.shape[0], -1)
-    total = float(dense_sq_norm(matrix))
+    total = float(dense_sq_norm(matrix)) if job.total_sq is None else job.total_sq
     if not math.isfinite(total):
         raise LoraToolsError(NONFINITE_MESSAGE, key=job.name)
     cap = min(int(job.max_rank), *matrix.shape)

@@ -150,9 +150,13 @@ def difference(base: torch.Tensor, tuned: torch.Tensor, options: ExtractOptions)
     return delta
 
 
+def exact_norm_sq(tensor: torch.Tensor) -> float:
+    """‖tensor‖_F² of any shape, accumulated in float64 a block at a time (lowrank.dense_sq_norm)."""
+    return float(dense_sq_norm(tensor.reshape(1, -1)))
+
+
 def exact_norm(tensor: torch.Tensor) -> float:
-    """Frobenius norm of a tensor of any shape, accumulated in float64 a block at a time (lowrank.dense_sq_norm)."""
-    return math.sqrt(float(dense_sq_norm(tensor.reshape(1, -1))))
+    return math.sqrt(exact_norm_sq(tensor))
 
 
 def max_abs(tensor: torch.Tensor) -> float:
@@ -189,14 +193,15 @@ def extract_layer(task: LayerTask, delta: torch.Tensor, options: ExtractOptions)
     result = ExtractedLayer(task)
     if task.rows is not None:
         delta = delta[task.rows[0]:task.rows[1]]
-    result.norm = exact_norm(delta) if delta.numel() else 0.0
+    norm_sq = exact_norm_sq(delta) if delta.numel() else 0.0
+    result.norm = math.sqrt(norm_sq)
     result.max_abs = max_abs(delta) if delta.numel() else 0.0
     if result.norm == 0.0:
         result.skipped = "no difference"
     elif result.max_abs < options.min_diff:
         result.skipped = f"largest |difference| {result.max_abs:.3g} is below --min_diff {options.min_diff:g}"
     elif task.role == "lowrank":
-        _low_rank(task, delta, options, result)
+        _low_rank(task, delta, options, result, norm_sq)
     else:
         stored = delta.to(options.save_dtype)
         if stored is delta:  # float32 output: the difference itself, exactly
@@ -214,10 +219,13 @@ def engine_settings(options: ExtractOptions) -> EngineSettings:
                           alpha_dtype=options.save_dtype, factor_dtype=options.save_dtype, device=options.device)
 
 
-def _low_rank(task: LayerTask, delta: torch.Tensor, options: ExtractOptions, result: ExtractedLayer) -> None:
-    # Seeded by the checkpoint key (row slices of one fused key share it); the delta is ours to overwrite.
+def _low_rank(task: LayerTask, delta: torch.Tensor, options: ExtractOptions, result: ExtractedLayer,
+              norm_sq: float) -> None:
+    # Seeded by the checkpoint key (row slices of one fused key share it); the delta is ours to overwrite, and
+    # its ‖ΔW‖² (measured above) is the engine's total: no second float64 pass over the layer.
     job = LowRankJob(name=task.name, shape=tuple(delta.shape), max_rank=task.rank, dense=delta,
-                     method=options.dynamic_method, param=options.dynamic_param, seed_name=task.key, scratch=True)
+                     method=options.dynamic_method, param=options.dynamic_param, seed_name=task.key, scratch=True,
+                     total_sq=norm_sq)
     low = run_dense(job, engine_settings(options))
     result.lowrank = low
     result.error = math.sqrt(low.error_sq)
