@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> dict:
     for line in [summary_line(stats)] + layer_lines([results[j.name].report for j in jobs], args.verbose):
         print("  " + line)
 
-    modules = write_merged(save_to, groups, results, inputs, family, fmt, mode=settings.mode, seed=args.seed,
+    modules = write_merged(save_to, groups, results, stats, inputs, family, fmt, mode=settings.mode, seed=args.seed,
                            randomized_svd=factored < len(jobs), save_precision=args.save_precision,
                            report=args.report, report_extra={"models": args.models, "ratios": ratios,
                                                              "mode": settings.mode, "family": family, "format": fmt,

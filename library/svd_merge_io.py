@@ -107,18 +107,19 @@ def layer_lines(reports: list[dict], verbose: int, limit: int = PRINT_LIMIT) -> 
     return lines[:limit] + [f"... and {len(lines) - limit} more (-vv lists all)"]
 
 
-def write_report(path: str, results: dict[str, LayerResult], extra: dict, **where) -> None:
-    """`where`: inputs, overwrite and other_outputs for the destination checks (library.destination)."""
+def write_report(path: str, results: dict[str, LayerResult], stats: dict, extra: dict, **where) -> None:
+    """`stats` is `summary(results)`, already computed for the printout; `where`: inputs, overwrite and
+    other_outputs for the destination checks (library.destination)."""
     def clean(value):
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
     layers = [{k: clean(v) for k, v in r.report.items()} for r in results.values()]
-    write_text(path, json.dumps({**extra, "summary": summary(results), "layers": layers}, indent=1, default=str),
+    write_text(path, json.dumps({**extra, "summary": stats, "layers": layers}, indent=1, default=str),
                flag="--report", **where)
 
 
-def write_merged(save_to: str, groups: list[Group], results: dict[str, LayerResult], inputs, family: str, fmt: str,
-                 *, mode: str, seed: int, randomized_svd: bool, save_precision: str | None, report: str | None,
+def write_merged(save_to: str, groups: list[Group], results: dict[str, LayerResult], stats: dict, inputs, family: str,
+                 fmt: str, *, mode: str, seed: int, randomized_svd: bool, save_precision: str | None, report: str | None,
                  report_extra: dict, args: object, minimal: bool = False, overwrite: bool = False) -> list[Module]:
     """The merged LoRA through the one writer (the seed recorded only when something drew from it), then the
     `--report` JSON, checked against the inputs and the LoRA just written. `args` only feeds provenance."""
@@ -135,6 +136,6 @@ def write_merged(save_to: str, groups: list[Group], results: dict[str, LayerResu
                                   randomized_svd=randomized_svd),
                minimal=minimal, overwrite=overwrite)
     if report:
-        write_report(report, results, report_extra, inputs=paths, overwrite=overwrite,
+        write_report(report, results, stats, report_extra, inputs=paths, overwrite=overwrite,
                      other_outputs={"--save_to": save_to})
     return modules
