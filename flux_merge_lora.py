@@ -11,10 +11,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from library.cli import add_common_args, compute_dtype, density, finite_float, positive_int, prepare_output, progress, run_cli
+from library.cli import (
+    add_common_args,
+    add_lora_merge_args,
+    compute_dtype,
+    finite_float,
+    positive_int,
+    prepare_output,
+    progress,
+    run_cli,
+)
 from library.console import warn
 from library.formats.specs import WRITE_FORMATS
-from library.methods import FACTOR, SIGN_METHODS, delta_aliases, names
+from library.methods import FACTOR, delta_aliases, names
 
 # Torch and the maths are imported inside the functions that do the work, so that --help stays fast.
 SCRIPT = "flux_merge_lora.py"
@@ -45,13 +54,8 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=None, choices=MODES,
                    help="LoRA+LoRA mode: concat (default, exact), add/ties/dare_linear/dare_ties/magnitude_prune "
                         "(factor space, approximate, equal ranks), svd or *_svd (delta space, truncated to --new_rank)")
-    p.add_argument("--concat", action="store_true", help="sd-scripts flag: same as --mode concat")
-    p.add_argument("--shuffle", action="store_true", help="mix the rank columns of each merged LoRA with a seeded "
-                                                          "random orthogonal matrix (the delta is unchanged)")
+    add_lora_merge_args(p)
     p.add_argument("--new_rank", type=positive_int, default=None, help="rank of the result for the svd modes")
-    p.add_argument("--density", type=density, default=1.0, help="fraction kept by ties/dare/magnitude_prune")
-    p.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS)
-    p.add_argument("--seed", type=int, default=0, help="seed of DARE masks and --shuffle (per target)")
     p.add_argument("--format", default="kohya", choices=WRITE_FORMATS, help="LoRA output format (default kohya)")
     p.add_argument("--allow_unmatched", action="store_true",
                    help="skip LoRA keys / targets that match nothing instead of failing")
@@ -88,21 +92,16 @@ def main(args: argparse.Namespace) -> dict:
 
 def merge_into_lora(args, inputs: list, mode: str, device, save_to: str | None, fmt: str,
                     label: str = "merged") -> dict:
-    from library.lora_merge import MergeOptions, plan_lora_merge, run_lora_merge, size_warning, write_merged
+    from library.lora_merge import MergeOptions, merge_and_write, plan_lora_merge
 
     save_to = prepare_output(save_to, args.models, args)
     options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle, args.new_rank, device)
     plan = plan_lora_merge(inputs, mode, fmt, save_to, options)
-    if big := size_warning(plan, args.save_precision):
-        warn(big)
-    if args.dry_run:
-        print(f"{label}, dry run, nothing written:\n  " + "\n  ".join(plan.lines()), file=sys.stderr)
+    merged = merge_and_write(plan, describe=lambda m: print(m.component_line(plan, label), file=sys.stderr),
+                             script=SCRIPT, args=args, save_precision=args.save_precision, dry_run=args.dry_run,
+                             no_metadata=args.no_metadata, overwrite=args.overwrite, label=label, file=sys.stderr)
+    if merged is None:
         return {"plan": plan}
-    merged = run_lora_merge(plan)
-    print(merged.component_line(plan, label), file=sys.stderr)
-    write_merged(plan, merged, script=SCRIPT, args=args, save_precision=args.save_precision,
-                 no_metadata=args.no_metadata, overwrite=args.overwrite)
-    print(f"saved {save_to}", file=sys.stderr)
     return {"modules": merged.modules, "save_to": save_to, "plan": plan}
 
 

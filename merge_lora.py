@@ -33,11 +33,19 @@ import argparse
 import os
 import sys
 
-from library.cli import add_common_args, compute_dtype, density, finite_float, prepare_output, progress, resolve_device, run_cli
-from library.console import warn
+from library.cli import (
+    add_common_args,
+    add_lora_merge_args,
+    compute_dtype,
+    finite_float,
+    prepare_output,
+    progress,
+    resolve_device,
+    run_cli,
+)
 from library.errors import LoraToolsError
 from library.formats.specs import WRITE_FORMATS
-from library.methods import FACTOR, SIGN_METHODS, mode_choices, recorded_seed
+from library.methods import FACTOR, mode_choices, recorded_seed
 
 # Torch and the maths are imported inside the functions that do the work, so that --help stays fast.
 
@@ -59,13 +67,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lbw_x", type=finite_float, default=1.0, help="value of X in block-weight strings (default 1)")
     parser.add_argument("--mode", default="concat", choices=mode_choices(FACTOR),
                         help="LoRA+LoRA merge mode (default concat: the exact one); see above")
-    parser.add_argument("--concat", action="store_true", help="same as --mode concat (sd-scripts flag)")
-    parser.add_argument("--shuffle", action="store_true",
-                        help="mix the ranks of each merged module with a seeded random orthogonal matrix")
-    parser.add_argument("--density", type=density, default=1.0, help="ties/dare/magnitude_prune: share kept (0…1]")
-    parser.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS,
-                        help="ties/dare_ties sign election (default total)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for DARE masks, --shuffle and R/U block weights")
+    add_lora_merge_args(parser)
     parser.add_argument("--format", default=None, choices=WRITE_FORMATS,
                         help="output LoRA format (default: that of the first input)")
     parser.add_argument("--allow_unmatched", action="store_true",
@@ -85,7 +87,7 @@ def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
     from library.checkpoint_apply import apply_plan
     from library.inputs import lora_inputs
     from library.merge_plan import build_plan, choose_layout
-    from library.merge_report import print_lines, print_report
+    from library.merge_report import print_bake_plan, print_report
     from library.metadata import checkpoint_metadata
     from library.safetensors_io import open_checkpoint, parse_dtype
 
@@ -95,12 +97,7 @@ def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
         inputs = lora_inputs(args.models, args.ratios, block_weights, family=layout.family.name,
                              allow_unmatched=args.allow_unmatched, family_from="checkpoint")
         plan = build_plan(reader, layout, inputs, allow_unmatched=args.allow_unmatched)
-        print(f"{args.sd_model}: {layout.family.name} checkpoint ({layout.name})")
-        print("\n".join("  " + line for line in plan.summary()))
-        for item in plan.unmatched:
-            warn(f"skipped (no matching weight): {item}")
-        if args.verbose or args.dry_run:
-            print_lines(plan.details(), args.verbose)
+        print_bake_plan(args.sd_model, layout, plan, args.verbose, args.dry_run)
         if args.dry_run:
             return {"plan": plan}
         metadata = None if args.no_metadata else checkpoint_metadata(
@@ -118,32 +115,20 @@ def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
 
 def merge_loras(args: argparse.Namespace, block_weights) -> dict:
     from library.inputs import lora_inputs
-    from library.lora_merge import MergeOptions, plan_lora_merge, run_lora_merge, size_warning, write_merged
-    from library.merge_report import print_lines
+    from library.lora_merge import MergeOptions, merge_and_write, plan_lora_merge
+    from library.merge_report import print_lora_merge
 
     save_to = prepare_output(args.save_to, args.models, args)
     inputs = lora_inputs(args.models, args.ratios, block_weights, family=args.family,
                          allow_unmatched=args.allow_unmatched)
     options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle)
     plan = plan_lora_merge(inputs, "concat" if args.concat else args.mode, args.format, save_to, options)
-    if big := size_warning(plan, args.save_precision):
-        warn(big)
-    if args.dry_run:
-        print("dry run, nothing written:\n  " + "\n  ".join(plan.lines()))
+    merged = merge_and_write(plan, describe=lambda m: print_lora_merge(plan, m, args.verbose), script="merge_lora.py",
+                             args=args, save_precision=args.save_precision, dry_run=args.dry_run,
+                             no_metadata=args.no_metadata, overwrite=args.overwrite)
+    if merged is None:  # --dry_run
         return {"plan": plan}
-    merged = run_lora_merge(plan)
-    print(merged.headline(plan))
-    if dense := [r for r in merged.reports if r.kind == "diff"]:
-        warn(f"{len(dense)} weight(s) have LoHa/LoKr/full adapters: written as exact dense diffs")
-    if plan.mode != "concat":
-        print(f"  {plan.mode} is approximate: {merged.summary} (concat is exact; svd_merge_lora.py for delta-space "
-              f"modes)")
-        if args.verbose:
-            print_lines(merged.layer_lines, args.verbose)
-    write_merged(plan, merged, script="merge_lora.py", args=args, save_precision=args.save_precision,
-                 no_metadata=args.no_metadata, overwrite=args.overwrite)
-    print(f"wrote {save_to}")
-    return {"modules": merged.modules, "reports": merged.reports, "save_to": save_to}
+    return {"plan": plan, "modules": merged.modules, "reports": merged.reports, "save_to": save_to}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -157,9 +142,7 @@ def main(args: argparse.Namespace) -> dict:
     block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,
                                              seed=args.seed, x=args.lbw_x)
     with one_thread(resolve_device(args.device).type == "cpu"):
-        if args.sd_model:
-            return merge_into_checkpoint(args, block_weights)
-        return merge_loras(args, block_weights)
+        return (merge_into_checkpoint if args.sd_model else merge_loras)(args, block_weights)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,21 @@ def add_dynamic_rank_args(parser: argparse.ArgumentParser, method_help: str) -> 
                         help="p for --dynamic_method: ≥ 1 for sv_ratio, in (0, 1] for sv_fro and sv_cumulative")
 
 
+def add_lora_merge_args(parser: argparse.ArgumentParser) -> None:
+    """The LoRA+LoRA flags merge_lora.py and flux_merge_lora.py share (sd-scripts' names and meanings)."""
+    from library.methods import SIGN_METHODS
+
+    parser.add_argument("--concat", action="store_true", help="same as --mode concat (sd-scripts flag)")
+    parser.add_argument("--shuffle", action="store_true",
+                        help="mix the rank columns of each merged module with a seeded random orthogonal matrix "
+                             "(the delta is unchanged)")
+    parser.add_argument("--density", type=density, default=1.0, help="ties/dare/magnitude_prune: share kept (0…1]")
+    parser.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS,
+                        help="ties/dare_ties sign election (default total)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of DARE masks, --shuffle and R/U block weights (drawn per target)")
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, device: bool = True,
                     precision: bool = True, save_default: str = "that of the input") -> argparse.ArgumentParser:
     one_line_errors(parser)

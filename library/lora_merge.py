@@ -8,8 +8,12 @@ The plan is made without any maths, so `--dry_run` prints it and stops in a seco
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TextIO
 
+from library.console import warn
 from library.errors import LoraToolsError
 from library.lora_combine import Group, LayerReport, combine, concat_elements, group_targets
 from library.lora_output import output_dtype, output_format, write_lora
@@ -158,3 +162,23 @@ def write_merged(plan: LoraMergePlan, merged: MergedLora, *, script: str, args: 
                       inputs=inputs, base_metadata=plan.inputs[0].lora.metadata,
                       merged_from=[title_of(i.path, i.lora.metadata) for i in plan.inputs], seed=plan.seed(),
                       minimal=no_metadata, overwrite=overwrite)
+
+
+def merge_and_write(plan: LoraMergePlan, *, describe: Callable[[MergedLora], None], script: str, args: object,
+                    save_precision: str | None, dry_run: bool = False, no_metadata: bool = False,
+                    overwrite: bool = False, label: str = "", file: TextIO | None = None) -> MergedLora | None:
+    """What merge_lora.py and flux_merge_lora.py do with a LoRA+LoRA plan: warn before any maths when the
+    output would dwarf its inputs, print the plan and stop on --dry_run (None), else merge, let the script
+    `describe` the result, write it and say where. Messages go to `file` (stdout by default)."""
+    file = file or sys.stdout
+    if big := size_warning(plan, save_precision):
+        warn(big)
+    if dry_run:
+        print(f"{label}{', ' if label else ''}dry run, nothing written:\n  " + "\n  ".join(plan.lines()), file=file)
+        return None
+    merged = run_lora_merge(plan)
+    describe(merged)
+    write_merged(plan, merged, script=script, args=args, save_precision=save_precision, no_metadata=no_metadata,
+                 overwrite=overwrite)
+    print(f"wrote {plan.save_to}", file=file)
+    return merged

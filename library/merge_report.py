@@ -55,3 +55,27 @@ def print_report(save_to: str, result: ApplyResult, verbose: int, cast_label: st
     print("\n".join(lines), file=file or sys.stdout)
     for message in warnings:
         warn(message)
+
+
+def print_bake_plan(model: str, layout, plan, verbose: int, dry_run: bool) -> None:
+    """merge_lora.py before a bake: the checkpoint's family and layout, the plan's summary, modules skipped
+    (--allow_unmatched), and with -v or --dry_run which module changes which weight."""
+    print(f"{model}: {layout.family.name} checkpoint ({layout.name})")
+    print("\n".join("  " + line for line in plan.summary()))
+    for item in plan.unmatched:
+        warn(f"skipped (no matching weight): {item}")
+    if verbose or dry_run:
+        print_lines(plan.details(), verbose)
+
+
+def print_lora_merge(plan, merged, verbose: int) -> None:
+    """merge_lora.py after a LoRA+LoRA merge: the headline, dense diffs written, and how approximate a
+    factor-space mode was (per layer with -v)."""
+    print(merged.headline(plan))
+    if dense := [r for r in merged.reports if r.kind == "diff"]:
+        warn(f"{len(dense)} weight(s) have LoHa/LoKr/full adapters: written as exact dense diffs")
+    if plan.mode != "concat":
+        print(f"  {plan.mode} is approximate: {merged.summary} (concat is exact; svd_merge_lora.py for delta-space "
+              f"modes)")
+        if verbose:
+            print_lines(merged.layer_lines, verbose)
