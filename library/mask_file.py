@@ -209,4 +209,15 @@ class MaskWriter:
             raise ValueError(f"{key} was not planned")
         if tuple(mask.shape) != self.shapes[key]:
             raise ValueError(f"{key}: planned shape {self.shapes[key]}, got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{key}: a mask is a bool tensor, got {mask.dtype}")
         self._writer.write(key, pack_bits(mask))
+
+    def write_packed(self, key: str, packed: torch.Tensor) -> None:
+        """Write a key's already packed bytes (set operations work on them directly)."""
+        if key not in self.shapes:
+            raise ValueError(f"{key} was not planned")
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != (packed_size(self.shapes[key]),):
+            raise ValueError(f"{key}: expected {packed_size(self.shapes[key])} packed bytes (uint8), "
+                             f"got {packed.dtype} of shape {tuple(packed.shape)}")
+        self._writer.write(key, packed)
