@@ -1,6 +1,6 @@
 """Make, combine, edit and report parameter masks: which parameters of a model a merge may change.
 
-    python make_mask.py magnitude --model tuned.safetensors --base base.safetensors --threshold 0.9 --below --save_to keep.safetensors
+    python make_mask.py magnitude --model a.safetensors --base b.safetensors --threshold 0.9 --save_to keep.safetensors
     python make_mask.py random --model a.safetensors --rate 0.3 --seed 7 --save_to r.safetensors
     python make_mask.py quad --model a.safetensors --seed 1 --save_to q.safetensors        (→ q.1 … q.4.safetensors)
     python make_mask.py union --masks r.safetensors keep.safetensors --save_to u.safetensors

@@ -48,9 +48,8 @@ def quad_paths(save_to: str) -> list[str]:
 
 def _check_flags(args: argparse.Namespace, rules: list[M.EditRule]) -> None:
     method = args.method
-    if method in MODEL_METHODS or method == "report":
-        if method != "report" and not args.model:
-            raise LoraToolsError(f"{method} needs --model (the model whose keys and shapes the mask takes)")
+    if method in MODEL_METHODS and not args.model:
+        raise LoraToolsError(f"{method} needs --model (the model whose keys and shapes the mask takes)")
     if method == "magnitude" and not args.base:
         raise LoraToolsError("magnitude needs --base: the mask is computed from |model − base|")
     if method == "report" and bool(args.model) == bool(args.masks):
