@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from library.checks import is_finite
 from library.errors import LoraToolsError
 from library.lowrank import generator_for
 from library.merge_methods import dare_mask
@@ -58,6 +57,10 @@ def quad_masks(shape: Sequence[int], seed: int, name: str) -> list[torch.Tensor]
     return [which == i for i in range(4)]
 
 
+class NonFinite(ValueError):
+    """|A − base| holds NaN or inf."""
+
+
 def _abs_diff_chunks(a: torch.Tensor, base: torch.Tensor, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
     flat_a, flat_b = a.reshape(-1), base.reshape(-1)
     for start in range(0, flat_a.numel(), chunk):
@@ -67,9 +70,14 @@ def _abs_diff_chunks(a: torch.Tensor, base: torch.Tensor, chunk: int) -> Iterato
 
 def magnitude_threshold(a: torch.Tensor, base: torch.Tensor, q: float, threshold_type: str,
                         chunk: int = MAGNITUDE_CHUNK) -> float:
-    """The layer threshold t on |A − base| (see the module doc); needs a non-empty tensor and 0 < q < 1."""
-    per_chunk = torch.tensor([float(torch.quantile(d, q)) for _, d in _abs_diff_chunks(a, base, chunk)],
-                             dtype=torch.float64)
+    """The layer threshold t on |A − base| (see the module doc); needs a non-empty tensor and 0 < q < 1.
+    Raises NonFinite when a difference is NaN or inf."""
+    quantiles = []
+    for _, d in _abs_diff_chunks(a, base, chunk):
+        if not bool(d.isfinite().all()):  # checked on the float64 chunk: isfinite has no fp8 kernel
+            raise NonFinite
+        quantiles.append(float(torch.quantile(d, q)))
+    per_chunk = torch.tensor(quantiles, dtype=torch.float64)
     if threshold_type == "median":
         return float(torch.median(per_chunk))
     if threshold_type == "quantile":
@@ -87,9 +95,10 @@ def magnitude_mask(a: torch.Tensor, base: torch.Tensor, q: float, threshold_type
     below = select == "below"
     if q >= 1 or q <= 0 or a.numel() == 0:
         return simple_mask(a.shape, below == (q >= 1)), None
-    if not (is_finite(a) and is_finite(base)):
-        raise LoraToolsError("NaN or inf in the model or the base: no magnitude threshold exists", key=name)
-    t = magnitude_threshold(a, base, q, threshold_type, chunk)
+    try:
+        t = magnitude_threshold(a, base, q, threshold_type, chunk)
+    except NonFinite:
+        raise LoraToolsError("NaN or inf in the model or the base: no magnitude threshold exists", key=name) from None
     out = torch.empty(a.numel(), dtype=torch.bool)
     for start, d in _abs_diff_chunks(a, base, chunk):
         out[start:start + d.numel()] = (d < t) if below else (d >= t)
