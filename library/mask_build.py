@@ -138,11 +138,13 @@ def _make(args, stack, rules, inputs, outputs) -> dict | None:
             keys = [k for k in keys if k in base]
         shapes = {k: model.shape(k) for k in keys}
         build = _model_builder(args, model, base)
+        hashed = [f for reader in (model, base) if reader is not None for f in reader.files()]
     else:
         sources = [stack.enter_context(read_mask(p)) for p in args.masks]
         keys = M.combined_keys("union" if method == "edit" else method, [s.keys() for s in sources])
         shapes = _agreed_shapes(keys, sources)
         build = _mask_builder(method, sources)
+        hashed = list(args.masks)
     unmatched = M.unmatched_rules(rules, keys)
     if unmatched:
         raise LoraToolsError(f"--edit pattern(s) {unmatched} match no key of the mask")
@@ -153,7 +155,7 @@ def _make(args, stack, rules, inputs, outputs) -> dict | None:
         print(f"dry run: {method} over {len(keys)} tensors, {len(rules)} edit rule(s); would write "
               f"{', '.join(outputs) or 'nothing (no --save_to)'}")
         return None
-    meta = provenance("make_mask.py", args, inputs, seed=args.seed if method in SEEDED or rules else None)
+    meta = provenance("make_mask.py", args, hashed, seed=args.seed if method in SEEDED or rules else None)
     meta["loratools.mask_method"] = method
     writers = [stack.enter_context(MaskWriter(Destination(p, inputs, args.overwrite), shapes,
                                               {**meta, **({"loratools.mask_part": f"{i + 1}/4"} if n_out == 4 else {})}))
