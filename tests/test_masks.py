@@ -55,6 +55,15 @@ def test_magnitude_against_float64_recomputation(chunk, kind, q, select):
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 1000, 4097])
+def test_chunk_quantile_is_torch_quantile(n):
+    gen = torch.Generator().manual_seed(n)
+    values = torch.randint(0, 50, (n,), generator=gen).double() / 7  # ties included
+    for q in (0.0, 0.01, 0.25, 0.5, 0.8, 0.999, 1.0):
+        assert M.chunk_quantile(values, q) == pytest.approx(float(torch.quantile(values, q)), rel=1e-15, abs=1e-300)
+        assert M.chunk_quantile(values, q) == pytest.approx(_quantile64(values.tolist(), q), rel=1e-15, abs=1e-300)
+
+
 def test_magnitude_one_chunk_types_agree_and_many_chunks_differ():
     a, base = _pair((50, 50), seed=3)
     assert M.magnitude_threshold(a, base, 0.3, "median") == M.magnitude_threshold(a, base, 0.3, "quantile")
