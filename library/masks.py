@@ -69,14 +69,36 @@ def _abs_diff_chunks(a: torch.Tensor, base: torch.Tensor, chunk: int) -> Iterato
 
 
 def chunk_quantile(values: torch.Tensor, q: float) -> float:
-    """torch.quantile(values, q) (linear interpolation between the order statistics around q·(n − 1)) by two
-    selections instead of a sort: 4× faster on a 10⁷-element chunk, the same value."""
+    """torch.quantile(values, q): linear interpolation between the order statistics k and k + 1 around
+    q·(n − 1), found by one selection (kthvalue) and a count instead of a sort: ~5× faster on a 10⁷-element
+    chunk, the same value, and no size limit."""
     pos = q * (values.numel() - 1)
     lo = math.floor(pos)
     low = values.kthvalue(lo + 1).values
     if pos == lo:
         return float(low)
-    return float(torch.lerp(low, values.kthvalue(lo + 2).values, pos - lo))
+    # the next order statistic: `low` again when it is repeated past rank lo + 1, else the least larger value
+    if int((values <= low).sum()) >= lo + 2:
+        high = low
+    else:
+        high = torch.where(values > low, values, math.inf).min()
+    return float(torch.lerp(low, high, pos - lo))
+
+
+def _check_finite(d: torch.Tensor) -> None:
+    # d ≥ 0, so its sum is inf or NaN exactly when an element is (a float64 sum of 10⁷ magnitudes below
+    # fp32's max cannot overflow); cheaper than isfinite().all(), which also has no fp8 kernel
+    if not math.isfinite(float(d.sum())):
+        raise NonFinite
+
+
+def _threshold_of(quantiles: list[float], q: float, threshold_type: str) -> float:
+    per_chunk = torch.tensor(quantiles, dtype=torch.float64)
+    if threshold_type == "median":
+        return float(torch.median(per_chunk))
+    if threshold_type == "quantile":
+        return float(torch.sort(per_chunk).values[min(int(q * per_chunk.numel()), per_chunk.numel() - 1)])
+    raise ValueError(f"unknown threshold type {threshold_type!r}")
 
 
 def magnitude_threshold(a: torch.Tensor, base: torch.Tensor, q: float, threshold_type: str,
@@ -85,15 +107,9 @@ def magnitude_threshold(a: torch.Tensor, base: torch.Tensor, q: float, threshold
     Raises NonFinite when a difference is NaN or inf."""
     quantiles = []
     for _, d in _abs_diff_chunks(a, base, chunk):
-        if not bool(d.isfinite().all()):  # checked on the float64 chunk: isfinite has no fp8 kernel
-            raise NonFinite
+        _check_finite(d)
         quantiles.append(chunk_quantile(d, q))
-    per_chunk = torch.tensor(quantiles, dtype=torch.float64)
-    if threshold_type == "median":
-        return float(torch.median(per_chunk))
-    if threshold_type == "quantile":
-        return float(torch.sort(per_chunk).values[min(int(q * per_chunk.numel()), per_chunk.numel() - 1)])
-    raise ValueError(f"unknown threshold type {threshold_type!r}")
+    return _threshold_of(quantiles, q, threshold_type)
 
 
 def magnitude_mask(a: torch.Tensor, base: torch.Tensor, q: float, threshold_type: str, select: str, *,
@@ -107,11 +123,16 @@ def magnitude_mask(a: torch.Tensor, base: torch.Tensor, q: float, threshold_type
     if q >= 1 or q <= 0 or a.numel() == 0:
         return simple_mask(a.shape, below == (q >= 1)), None
     try:
+        if a.numel() <= chunk:  # one chunk (most layers): d is made once and compared right away
+            (_, d), = _abs_diff_chunks(a, base, chunk)
+            _check_finite(d)
+            t = chunk_quantile(d, q)
+            return ((d < t) if below else (d >= t)).view(a.shape), t
         t = magnitude_threshold(a, base, q, threshold_type, chunk)
     except NonFinite:
         raise LoraToolsError("NaN or inf in the model or the base: no magnitude threshold exists", key=name) from None
     out = torch.empty(a.numel(), dtype=torch.bool)
-    for start, d in _abs_diff_chunks(a, base, chunk):
+    for start, d in _abs_diff_chunks(a, base, chunk):  # d again, chunk by chunk: never a whole-layer float64 copy
         out[start:start + d.numel()] = (d < t) if below else (d >= t)
     return out.view(a.shape), t
 

@@ -91,8 +91,12 @@ def test_magnitude_ends_and_errors():
         M.magnitude_mask(a, base[:4], 0.5, "median", "below", name=Q)
     bad = a.clone()
     bad[0, 0] = float("nan")
+    for chunk in (M.MAGNITUDE_CHUNK, 10):
+        with pytest.raises(LoraToolsError, match="NaN or inf"):
+            M.magnitude_mask(bad, base, 0.5, "median", "below", name=Q, chunk=chunk)
+    bad[0, 0] = float("inf")
     with pytest.raises(LoraToolsError, match="NaN or inf"):
-        M.magnitude_mask(bad, base, 0.5, "median", "below", name=Q)
+        M.magnitude_mask(bad, base, 0.5, "quantile", "above", name=Q, chunk=10)
 
 
 def test_random_mask_is_the_seeded_bernoulli_draw():
