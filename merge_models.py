@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> dict:
         plan = build_plan(inputs.models, inputs.base, strengths, uses_base=args.base is not None,
                           save_dtype=parse_dtype(args.save_precision), paths=args.models, mask=inputs.mask)
         reasons = ", ".join(f"{n} {why}" for why, n in plan.reasons().items())
-        print(f"{len(args.models)} {family or 'unknown-family'} models, {name}: {len(plan.merged)} keys merged"
+        print(f"{len(args.models)} {family or 'unknown-family'} models, {args.method}: {len(plan.merged)} keys merged"
               + (f", copied: {reasons}" if reasons else ""))
         if args.verbose:
             for k in plan.keys:

@@ -74,8 +74,7 @@ def parse_key_weights(specs: Sequence[str] | None) -> list[tuple[str, float]]:
 
 
 def is_marker(key: str) -> bool:
-    name = key.rsplit(".", 1)[-1]
-    return name in MARKER_NAMES or name.startswith(MARKER_PREFIXES)
+    return any(part in MARKER_NAMES or part.startswith(MARKER_PREFIXES) for part in key.split("."))
 
 
 @dataclass(frozen=True)
