@@ -360,3 +360,28 @@ def test_mismatched_shapes_name_the_key(tmp_path, models, capsys):
         from library.model_blocks import parse_mbw
 
         parse_mbw("1,2", None)
+
+
+def test_mask_keeps_a_where_false_and_in_keys_it_lacks(tmp_path, models, capsys):
+    from library.mask_file import MaskWriter
+
+    paths, t, _, _ = models
+    g = torch.Generator().manual_seed(4)
+    masks = {Q: torch.rand(small_shape(Q), generator=g) < 0.5, CONV: torch.rand(small_shape(CONV), generator=g) < 0.3}
+    mask_path = tmp_path / "m.safetensors"
+    with MaskWriter(mask_path, {k: m.shape for k, m in masks.items()}) as writer:
+        for key, m in masks.items():
+            writer.write(key, m)
+    result = run_script(merge_models, ["--models", *paths[:2], "--ratios", "0.4", "0.6", "--mask", mask_path, "--family",
+                                       "sd1", "--save_to", tmp_path / "o.safetensors"])
+    out = load_file(str(tmp_path / "o.safetensors"))
+    for key, m in masks.items():
+        merged = 0.4 * f64(t[0][key]) + 0.6 * f64(t[1][key])
+        torch.testing.assert_close(f64(out[key]), torch.where(m, merged, f64(t[0][key])), rtol=1e-6, atol=1e-7)
+    assert out[K].equal(t[0][K]) and K in result["plan"].copied("not in mask")
+    wrong = tmp_path / "wrong.safetensors"
+    with MaskWriter(wrong, {Q: (3, 3)}) as writer:
+        writer.write(Q, torch.ones(3, 3, dtype=torch.bool))
+    status, io = run_cli_status(merge_models, ["--models", str(paths[0]), str(paths[1]), "--mask", str(wrong),
+                                               "--save_to", str(tmp_path / "w.safetensors")], capsys)
+    assert status == 2 and "mask's shape" in io.err
