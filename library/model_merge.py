@@ -89,7 +89,9 @@ def merge_key(key: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | No
     `dare_masks` replaces them (tests)."""
     a = tensors[0]
     if settings.method == "weighted_sum":
-        merged = sum(float(r) * t for r, t in zip(settings.ratios, tensors))
+        merged = tensors[0] * float(settings.ratios[0])
+        for r, t in zip(settings.ratios[1:], tensors[1:]):
+            merged.add_(t, alpha=float(r))
     elif settings.method == "slerp":
         r_a, r_b = settings.ratios
         merged = slerp(a, tensors[1], strength * r_b / (r_a + r_b))

@@ -32,18 +32,28 @@ class Rounding:
     worst: tuple[float, str] = (0.0, "")
     dtypes: set = field(default_factory=set)
 
-    def add(self, key: str, exact: torch.Tensor, stored: torch.Tensor) -> None:
-        if stored.dtype == exact.dtype:
-            return
-        self.dtypes.add(DTYPE_NAMES[stored.dtype])
-        err = float((stored.to(exact.dtype) - exact).double().square().sum())
-        norm = float(exact.double().square().sum())
+    def store(self, key: str, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`exact` cast to `dtype` (clamped to its range only where a value lies outside it), measured."""
+        if dtype == exact.dtype:
+            return exact
+        self.dtypes.add(DTYPE_NAMES[dtype])
+        top = torch.finfo(dtype).max
+        stored = None
+        if exact.numel() and top < torch.finfo(exact.dtype).max:
+            low, high = torch.aminmax(exact)
+            if float(low) < -top or float(high) > top:
+                self.clamped += int((exact.abs() > top).sum())
+                stored = cast_clamped(exact, dtype)
+        stored = exact.to(dtype) if stored is None else stored
+        # Fused norms in the compute dtype: no float64 copies of the tensor.
+        err = float(torch.linalg.vector_norm(stored.to(exact.dtype) - exact)) ** 2
+        norm = float(torch.linalg.vector_norm(exact)) ** 2
         self.error_sq += err
         self.norm_sq += norm
-        self.clamped += int((exact.abs() > torch.finfo(stored.dtype).max).sum())
         rel = math.sqrt(err / norm) if norm > 0 else 0.0
         if rel > self.worst[0]:
             self.worst = (rel, key)
+        return stored
 
     def line(self) -> str | None:
         if not self.dtypes:
@@ -111,9 +121,7 @@ def run_merge(inputs: MergeInputs, plan: MergePlan, settings: MergeSettings, wri
             mask = inputs.mask.get(key) if inputs.mask is not None else None
             exact = merge_key(key, tensors, base, settings, item.strength, mask)
             del tensors, base, mask
-            stored = cast_clamped(exact, item.dtype)
-            rounding.add(key, exact, stored)
-            writer.write(key, stored.cpu())
+            writer.write(key, rounding.store(key, exact, item.dtype).cpu())
         if on_key is not None:
             on_key()
     return rounding
