@@ -56,9 +56,10 @@ print(json.dumps({"plain_s": round(time.perf_counter() - start, 2), "peak_rss_mi
 """
 
 MERGE = PEAK_RSS_SNIPPET + r"""
-import sys, time
+import sys, time, torch
 import merge_models
 from library.cli import parse_args
+import library.model_merge_io, library.model_setup, library.recipe, library.metadata  # imports are not the merge
 method, out, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
 start = time.perf_counter()
 flags = ["--models", *paths, "--method", method, "--save_to", out, "--overwrite", "--device", "cpu", "--family", "sdxl"]

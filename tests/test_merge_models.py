@@ -339,6 +339,10 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path, models, capsys):
          "--ratios has 1"),
         (["--models", str(paths[0]), str(paths[1]), "--key_weights", "attn", "--save_to",
           str(tmp_path / "o.safetensors")], "GLOB=NUMBER"),
+        (["--models", str(paths[0]), str(paths[1]), "--save_recipe", str(tmp_path / "o.safetensors"), "--save_to",
+          str(tmp_path / "o.safetensors")], "--save_recipe"),
+        (["--models", str(paths[0]), str(paths[1]), "--save_recipe", str(paths[1]), "--save_to",
+          str(tmp_path / "o.safetensors")], "input"),
     ]
     for argv, message in cases:
         status, io = run_cli_status(merge_models, argv, capsys)
