@@ -81,12 +81,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 def merge_key(key: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None, settings: MergeSettings,
               strength: float = 1.0, mask: torch.Tensor | None = None,
-              dare_masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+              dare_masks: Sequence[torch.Tensor] | None = None, consume: bool = False) -> torch.Tensor:
     """The merged value of `key` from the models' tensors (model A first) and the base's, all one dtype.
 
     DARE draws one keep-mask per task vector from (seed, "<key>:<j>"), j its position among the task
     vectors (B is 0 without --base, 1 with it), so a key's result depends on nothing but its own tensors;
-    `dare_masks` replaces them (tests)."""
+    `dare_masks` replaces them (tests). With `consume`, the tensors of B, C, … become their task vectors in
+    place (the streaming run's own copies: n − 1 fewer full-size temporaries)."""
     a = tensors[0]
     if settings.method == "weighted_sum":
         merged = tensors[0] * float(settings.ratios[0])
@@ -103,7 +104,9 @@ def merge_key(key: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | No
         ctx = MergeContext(settings.density, settings.sign_method, settings.seed, key, dare_masks, settings.rescale)
         if settings.sign_method == "off":
             fn, ctx.sign_method = _NO_ELECTION.get(fn, fn), "total"
-        merged = anchor + merge_tensors(fn, [t - anchor for t, _ in pairs], [r for _, r in pairs], ctx)
+        taus = [t.sub_(anchor) if consume and t is not a else t - anchor for t, _ in pairs]
+        merged = anchor + merge_tensors(fn, taus, [r for _, r in pairs], ctx)
+        del taus
     out = merged if strength == 1 else a + strength * (merged - a)
     if settings.protect > 0 and base is not None:
         out = torch.where(magnitude_mask((a - base).abs(), settings.protect), a, out)

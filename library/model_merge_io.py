@@ -119,7 +119,7 @@ def run_merge(inputs: MergeInputs, plan: MergePlan, settings: MergeSettings, wri
             tensors = normalized(key, read_all(key), normalize, read_all)
             base = _wide(inputs.base, key, compute, device) if inputs.base is not None else None
             mask = inputs.mask.get(key) if inputs.mask is not None else None
-            exact = merge_key(key, tensors, base, settings, item.strength, mask)
+            exact = merge_key(key, tensors, base, settings, item.strength, mask, consume=True)
             del tensors, base, mask
             writer.write(key, rounding.store(key, exact, item.dtype).cpu())
         if on_key is not None:
