@@ -96,6 +96,7 @@ class MergeContext:
     seed: int = 0
     name: str = ""
     masks: Sequence[torch.Tensor] | None = field(default=None, repr=False)
+    rescale: bool = True  # DARE's 1/density on the kept entries (merge_models.py --no_rescale: DareMerge's default)
 
 
 def _weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -110,7 +111,8 @@ def _dare(tensors: Sequence[torch.Tensor], ctx: MergeContext) -> list[torch.Tens
     masks = ctx.masks
     if masks is None:
         masks = [dare_mask(t.shape, ctx.density, ctx.seed, f"{ctx.name}:{i}") for i, t in enumerate(tensors)]
-    return [t * m.to(t.device, torch.bool) / ctx.density for t, m in zip(tensors, masks)]
+    kept = [t * m.to(t.device, torch.bool) for t, m in zip(tensors, masks)]
+    return [t / ctx.density for t in kept] if ctx.rescale else kept
 
 
 # ---------------------------------------------------------------------------------------------------------

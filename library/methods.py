@@ -8,6 +8,8 @@ Each method says in which space it works:
           `concat` stacks them (exact); the others merge the ups and the downs separately (approximate)
   delta   applied to each layer's full delta before an SVD back to a rank (svd_merge_lora.py, and
           flux_merge_lora.py's `svd` / `*_svd` modes)
+  model   applied to whole checkpoints, one key at a time (merge_models.py, library.model_merge): the
+          delta methods act on the task vectors Mᵢ − base; weighted_sum, add_difference and slerp only here
 and whether it draws random numbers (then the seed is recorded in the output's provenance).
 """
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 from library.errors import LoraToolsError
 
-FACTOR, DELTA = "factor", "delta"
+FACTOR, DELTA, MODEL = "factor", "delta", "model"
 SIGN_METHODS = ("total", "frequency")
 
 
@@ -34,16 +36,19 @@ class Method:
 
 METHODS: tuple[Method, ...] = (
     Method("concat", (FACTOR,), False, (), "ranks stacked: exactly Σ ratioᵢ·ΔWᵢ"),
-    Method("add", (FACTOR, DELTA), False, (), "weighted sum Σ wᵢ tᵢ", ("svd", "add_svd"),
+    Method("add", (FACTOR, DELTA, MODEL), False, (), "weighted sum Σ wᵢ tᵢ", ("svd", "add_svd"),
            ("linear", "task_arithmetic")),
-    Method("ties", (FACTOR, DELTA), False, ("density", "sign_method"),
+    Method("ties", (FACTOR, DELTA, MODEL), False, ("density", "sign_method"),
            "top-density magnitudes, elected sign, mean of agreeing entries", ("ties_svd",)),
-    Method("dare_linear", (FACTOR, DELTA), True, ("density", "seed"),
+    Method("dare_linear", (FACTOR, DELTA, MODEL), True, ("density", "seed"),
            "random drop (keep = density), rescale by 1/density, weighted sum", ("dare_linear_svd",)),
-    Method("dare_ties", (FACTOR, DELTA), True, ("density", "sign_method", "seed"),
+    Method("dare_ties", (FACTOR, DELTA, MODEL), True, ("density", "sign_method", "seed"),
            "random drop and rescale, elected sign, mean of agreeing entries", ("dare_ties_svd",)),
-    Method("magnitude_prune", (FACTOR, DELTA), False, ("density",),
+    Method("magnitude_prune", (FACTOR, DELTA, MODEL), False, ("density",),
            "top-density magnitudes per tensor, weighted sum", ("magnitude_prune_svd",)),
+    Method("weighted_sum", (MODEL,), False, (), "Σ rᵢ·Mᵢ (sd-scripts' merge_models)"),
+    Method("add_difference", (MODEL,), False, (), "A + r·(B − base): task arithmetic with A's ratio 1"),
+    Method("slerp", (MODEL,), False, (), "spherical interpolation of two models, t = r_B / (r_A + r_B)"),
 )
 BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 _ALL_NAMES: dict[str, Method] = {label: m for m in METHODS for label in (m.name, *m.delta_aliases, *m.aliases)}

@@ -19,6 +19,7 @@ SCRIPTS = [
     "resize_lora.py",
     "extract_lora_from_models.py",
     "make_mask.py",
+    "merge_models.py",
 ]
 
 PROBE = (

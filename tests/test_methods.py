@@ -44,8 +44,9 @@ def test_spaces_aliases_and_randomness():
     assert methods.method("svd").name == "add" and methods.method("task_arithmetic").name == "add"
     assert [m.name for m in methods.METHODS if m.random] == ["dare_linear", "dare_ties"]
     assert methods.space_of("dare_ties_svd") == "delta" and methods.space_of("dare_ties") == "factor"
-    with pytest.raises(LoraToolsError, match="unknown merge mode 'slerp'"):
-        methods.method("slerp")
+    with pytest.raises(LoraToolsError, match="unknown merge mode 'bogus'"):
+        methods.method("bogus")
+    assert "slerp" not in methods.mode_choices("factor") + methods.mode_choices("delta")  # checkpoints only
 
 
 def test_tensor_functions_cover_every_delta_method():

@@ -1,0 +1,115 @@
+"""Checkpoint merging, one key at a time: the methods of library.methods' `model` space on full weights.
+
+One ratio per model (sd-scripts' merge_models convention): rᵢ weights model i's contribution, and a
+ratio 0 means the model contributes nothing. With models M₁ = A, M₂ = B, … and a base C:
+
+  weighted_sum      Σ rᵢ·Mᵢ (default rᵢ = 1/n; ratios are not normalised, as in sd-scripts)
+  add_difference    C + Σ rᵢ·(Mᵢ − C): with ratios (1, r) this is A + r·(B − C) (needs --base)
+  task_arithmetic   the same formula; without --base, C is A (so A's ratio has no effect)
+  ties, dare_linear, dare_ties, magnitude_prune
+                    C + f(τ, r) with task vectors τᵢ = Mᵢ − C and library.merge_methods' f (TIES/DARE as
+                    for LoRAs: density, sign election total|frequency, DARE's 1/density rescale); without
+                    --base C is A and only B, C, … give task vectors (DareMerge's B − A); --majority_sign_method
+                    off turns ties into magnitude_prune and dare_ties into dare_linear (no election)
+  slerp             two models: spherical interpolation from A to B at t = r_B / (r_A + r_B) (lerp where
+                    they are (anti)parallel or one is zero), default ratios (0.5, 0.5)
+Then the per-key strength s (block weights, key weights, te ratio) moves A towards that result:
+W = A + s·(M − A) (slerp: t·s), so s = 0 keeps A and s = 1 is the merge above; DareMerge's ratios mean
+the opposite (1 keeps A). `protect` keeps A where |A − C| is in A's largest `protect` share per tensor
+(DareMerge's magnitude mask "below" against a base); a mask keeps A where it is False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from library.errors import LoraToolsError
+from library.merge_methods import MergeContext, magnitude_mask, merge_tensors
+
+BASE_METHODS = ("add", "add_difference", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SLERP_PARALLEL = 0.9995  # mergekit's threshold: above it the angle is too small for a stable slerp
+_NO_ELECTION = {"ties": "magnitude_prune", "dare_ties": "dare_linear"}
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    method: str  # a registry name of the model space (task_arithmetic resolved to "add")
+    ratios: tuple[float, ...]
+    density: float = 1.0
+    seed: int = 0
+    sign_method: str = "total"  # total | frequency | off
+    rescale: bool = True
+    protect: float = 0.0
+    has_base: bool = False
+
+    def check(self, n_models: int) -> None:
+        if len(self.ratios) != n_models:
+            raise LoraToolsError(f"--ratios has {len(self.ratios)} values but {n_models} models were given")
+        if self.method == "slerp" and (n_models != 2 or self.has_base):
+            raise LoraToolsError("slerp interpolates exactly two models and takes no --base")
+        if self.method == "weighted_sum" and self.has_base:
+            raise LoraToolsError("weighted_sum takes no --base (use add_difference or task_arithmetic)")
+        if self.method == "add_difference" and not self.has_base:
+            raise LoraToolsError("add_difference needs --base (A + r·(B − base))")
+        if self.protect and not self.has_base:
+            raise LoraToolsError("--protect_a needs --base (it protects A's largest changes from the base)")
+        if self.method == "slerp" and sum(self.ratios) == 0:
+            raise LoraToolsError("slerp needs ratios with a non-zero sum (t = r_B / (r_A + r_B))")
+
+
+def default_ratios(method: str, n_models: int) -> tuple[float, ...]:
+    if method == "weighted_sum" or method == "slerp":
+        return (1.0 / n_models,) * n_models
+    return (1.0,) * n_models
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b, θ the angle between the flattened tensors."""
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    if na == 0 or nb == 0:
+        return a + t * (b - a)
+    cos = float(torch.dot(a.reshape(-1), b.reshape(-1)) / (na * nb))
+    if abs(cos) > SLERP_PARALLEL:
+        return a + t * (b - a)
+    theta = torch.arccos(torch.tensor(cos, dtype=torch.float64))
+    sin = torch.sin(theta)
+    return float(torch.sin((1 - t) * theta) / sin) * a + float(torch.sin(t * theta) / sin) * b
+
+
+def merge_key(key: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None, settings: MergeSettings,
+              strength: float = 1.0, mask: torch.Tensor | None = None,
+              dare_masks: Sequence[torch.Tensor] | None = None, consume: bool = False) -> torch.Tensor:
+    """The merged value of `key` from the models' tensors (model A first) and the base's, all one dtype.
+
+    DARE draws one keep-mask per task vector from (seed, "<key>:<j>"), j its position among the task
+    vectors (B is 0 without --base, 1 with it), so a key's result depends on nothing but its own tensors;
+    `dare_masks` replaces them (tests). With `consume`, the tensors of B, C, … become their task vectors in
+    place (the streaming run's own copies: n − 1 fewer full-size temporaries)."""
+    a = tensors[0]
+    if settings.method == "weighted_sum":
+        merged = tensors[0] * float(settings.ratios[0])
+        for r, t in zip(settings.ratios[1:], tensors[1:]):
+            merged.add_(t, alpha=float(r))
+    elif settings.method == "slerp":
+        r_a, r_b = settings.ratios
+        merged = slerp(a, tensors[1], strength * r_b / (r_a + r_b))
+        strength = 1.0
+    else:
+        anchor = base if base is not None else a
+        pairs = list(zip(tensors, settings.ratios))[(0 if base is not None else 1):]
+        fn = "add" if settings.method == "add_difference" else settings.method
+        ctx = MergeContext(settings.density, settings.sign_method, settings.seed, key, dare_masks, settings.rescale)
+        if settings.sign_method == "off":
+            fn, ctx.sign_method = _NO_ELECTION.get(fn, fn), "total"
+        taus = [t.sub_(anchor) if consume and t is not a else t - anchor for t, _ in pairs]
+        merged = anchor + merge_tensors(fn, taus, [r for _, r in pairs], ctx)
+        del taus
+    out = merged if strength == 1 else a + strength * (merged - a)
+    if settings.protect > 0 and base is not None:
+        out = torch.where(magnitude_mask((a - base).abs(), settings.protect), a, out)
+    if mask is not None:
+        out = torch.where(mask.to(out.device), out, a)
+    return out
