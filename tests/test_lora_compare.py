@@ -1,5 +1,5 @@
 """lora_compare.py and library.lora_stats: every figure against a float64 recomputation from dense deltas
-written out from the adapter formulas here (LoRA, 3×3 LoCon, LoHa, LoKr; a fused weight's row slices)."""
+written out from the adapter formulas (tests.helpers.formula_delta) (LoRA, 3×3 LoCon, LoHa, LoKr; a fused weight's row slices)."""
 
 import json
 
@@ -9,65 +9,24 @@ import torch
 import lora_compare
 from library.formats import read_lora
 from library.lora_stats import compare_pair, sign_conflicts, target_factors
-from tests.helpers import run_cli_status, run_script, write_lora
-
-TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # 768×768, BASE
-IN_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # 320×320, IN01
-IN_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # 320×320×3×3, IN01
-OUT_Q = "lora_unet_up_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q"  # 320×320, OUT09
-MID_Q = "lora_unet_up_blocks_3_attentions_1_transformer_blocks_0_attn1_to_q"  # 320×320, OUT10
-
-
-def mixed_lora(seed: int, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """An SD1 file with one module of each adapter type (kohya/LyCORIS key names)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g)
-
-    t = {}
-    if TE_Q not in skip:
-        t |= {f"{TE_Q}.lora_down.weight": rnd(4, 768), f"{TE_Q}.lora_up.weight": rnd(768, 4), f"{TE_Q}.alpha": torch.tensor(2.0)}
-    if IN_Q not in skip:
-        t |= {f"{IN_Q}.lora_down.weight": rnd(8, 320), f"{IN_Q}.lora_up.weight": rnd(320, 8), f"{IN_Q}.alpha": torch.tensor(8.0)}
-    if IN_CONV not in skip:
-        t |= {f"{IN_CONV}.lora_down.weight": rnd(2, 320, 3, 3), f"{IN_CONV}.lora_up.weight": rnd(320, 2, 1, 1),
-              f"{IN_CONV}.alpha": torch.tensor(1.0)}
-    if OUT_Q not in skip:
-        t |= {f"{OUT_Q}.hada_w1_a": rnd(320, 2), f"{OUT_Q}.hada_w1_b": rnd(2, 320), f"{OUT_Q}.hada_w2_a": rnd(320, 2),
-              f"{OUT_Q}.hada_w2_b": rnd(2, 320), f"{OUT_Q}.alpha": torch.tensor(1.0)}
-    if MID_Q not in skip:
-        t |= {f"{MID_Q}.lokr_w1": rnd(4, 4), f"{MID_Q}.lokr_w2_a": rnd(80, 2), f"{MID_Q}.lokr_w2_b": rnd(2, 80),
-              f"{MID_Q}.alpha": torch.tensor(1.0)}
-    return t
-
-
-def dense(t: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """ΔW flattened to [out, in·k·k] in float64, from the formulas of each adapter type."""
-    d = {k[len(name) + 1:]: v.double() for k, v in t.items() if k.startswith(name + ".")}
-    alpha = float(d["alpha"])
-    if "lora_down.weight" in d:
-        r = d["lora_down.weight"].shape[0]
-        return alpha / r * d["lora_up.weight"].reshape(-1, r) @ d["lora_down.weight"].reshape(r, -1)
-    if "hada_w1_a" in d:
-        r = d["hada_w1_b"].shape[0]
-        return alpha / r * (d["hada_w1_a"] @ d["hada_w1_b"]) * (d["hada_w2_a"] @ d["hada_w2_b"])
-    r = d["lokr_w2_b"].shape[0]
-    return alpha / r * torch.kron(d["lokr_w1"], d["lokr_w2_a"] @ d["lokr_w2_b"])
+from tests.helpers import SD1_IN_Q, SD1_TE_Q, run_cli_status, run_script, write_lora
+from tests.helpers import formula_delta as dense
+from tests.helpers import mixed_sd1_lora as mixed_lora
 
 
 def top_space(m: torch.Tensor, k: int):
     U, S, Vh = torch.linalg.svd(m, full_matrices=False)
-    rank = int((S > S[0] * 1e-10).sum())
+    rank = int((S[0] * 1e-10 < S).sum())
     return U[:, :min(k, rank)], Vh[:min(k, rank)].T
 
 
 @pytest.fixture
 def two_files(tmp_path):
-    a, b = mixed_lora(0), mixed_lora(1, skip=(TE_Q,))
-    # One layer shares a direction with A: B's IN_Q = A's IN_Q + a little of its own, so the figures are not ~0.
-    b[f"{IN_Q}.lora_up.weight"] = torch.cat([a[f"{IN_Q}.lora_up.weight"][:, :4], b[f"{IN_Q}.lora_up.weight"][:, 4:]], 1)
-    b[f"{IN_Q}.lora_down.weight"] = torch.cat([a[f"{IN_Q}.lora_down.weight"][:4], b[f"{IN_Q}.lora_down.weight"][4:]])
+    a, b = mixed_lora(0), mixed_lora(1, skip=(SD1_TE_Q,))
+    # One layer shares a direction with A: B's IN01 to_q = A's + a little of its own, so the figures are not ~0.
+    up, down = f"{SD1_IN_Q}.lora_up.weight", f"{SD1_IN_Q}.lora_down.weight"
+    b[up] = torch.cat([a[up][:, :4], b[up][:, 4:]], 1)
+    b[down] = torch.cat([a[down][:4], b[down][4:]])
     pa, pb = write_lora(str(tmp_path / "a.safetensors"), a), write_lora(str(tmp_path / "b.safetensors"), b)
     return (pa, a), (pb, b)
 
@@ -77,7 +36,7 @@ def test_metrics_match_dense_float64(two_files, one_thread):
     la, lb = read_lora(pa), read_lora(pb, family="sd1")  # b alone fits sd1 and sd2
     result = compare_pair(target_factors(la), target_factors(lb), la.family, top_k=3)
     rows = {row["block"] + ":" + row["target"].split(".")[-3]: row for row in result["layers"]}
-    assert len(result["layers"]) == 4 and result["only_in_a"] == [next(m.target.key for m in la.modules if m.source == TE_Q)]
+    assert len(result["layers"]) == 4 and result["only_in_a"] == [next(m.target.key for m in la.modules if m.source == SD1_TE_Q)]
     names = {m.target.key: m.source for m in la.modules}
     conflicts = entries = 0
     for row in result["layers"]:
@@ -95,8 +54,8 @@ def test_metrics_match_dense_float64(two_files, one_thread):
     assert rows["IN01:attn1"]["cosine"] > 0.3, rows  # the shared half shows
     # Overall: the TE layer only A changes counts in A's norm (cosine, rel_norm), not in the sign count.
     sa = sum(float(dense(a, n).pow(2).sum()) for n in names.values())
-    sb = sum(float(dense(b, names[k]).pow(2).sum()) for k in names if names[k] != TE_Q)
-    dot = sum(float((dense(a, names[k]) * dense(b, names[k])).sum()) for k in names if names[k] != TE_Q)
+    sb = sum(float(dense(b, names[k]).pow(2).sum()) for k in names if names[k] != SD1_TE_Q)
+    dot = sum(float((dense(a, names[k]) * dense(b, names[k])).sum()) for k in names if names[k] != SD1_TE_Q)
     assert result["overall"]["cosine"] == pytest.approx(dot / (sa * sb) ** 0.5, abs=1e-6)
     assert result["overall"]["relative_norm"] == pytest.approx((sb / sa) ** 0.5, rel=1e-6)
     assert result["overall"]["sign_conflict"] == pytest.approx(conflicts / entries, abs=1e-12)
