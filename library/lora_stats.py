@@ -92,7 +92,8 @@ def subspace_overlap(a: Factored, b: Factored, k: int) -> tuple[float, float] | 
     if kk == 0:
         return None
     ua, va, ub, vb = ua[:, :kk], va[:, :kk], ub[:, :kk], vb[:, :kk]
-    return float((ua.T @ ub).pow(2).sum()) / kk, float((va.T @ vb).pow(2).sum()) / kk
+    # min(1, ·): orthonormal bases give at most 1; rounding may add an ulp or two
+    return min(1.0, float((ua.T @ ub).pow(2).sum()) / kk), min(1.0, float((va.T @ vb).pow(2).sum()) / kk)
 
 
 def sign_conflicts(a: Factored, b: Factored, chunk: int = SIGN_CHUNK) -> tuple[int, int]:
