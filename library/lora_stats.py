@@ -14,6 +14,7 @@ cost O((m+n)·r₁·r₂) and never build an m×n matrix. DoRA modules count wit
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -109,13 +110,16 @@ def sign_conflicts(a: Factored, b: Factored, chunk: int = SIGN_CHUNK) -> tuple[i
     return count, m * n
 
 
-def target_factors(lora: LoraFile) -> dict[str, Factored]:
-    """The file's delta per canonical weight: every module on that weight (q/k/v slices of a fused qkv
-    included) stacked into one pair, ups padded to the whole weight's rows (exact: zero rows elsewhere)."""
+def target_factors(lora: LoraFile, keys: set[str] | None = None) -> dict[str, Factored]:
+    """The file's delta per canonical weight (only `keys` when given): every module on that weight (q/k/v
+    slices of a fused qkv included) stacked into one pair, ups padded to the whole weight's rows (exact:
+    zero rows elsewhere)."""
     table = FAMILIES[lora.family].table.shapes
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for module in lora.modules:
+        if keys is not None and module.target.key not in keys:
+            continue
         adapter = adapter_from_tensors(module.tensors, module.source, dora_axis=module.dora_axis)
         pair = adapter_factors(adapter)
         if pair is None:
@@ -162,11 +166,16 @@ def adapter_norm(adapter: Adapter) -> float:
 
 
 def block_norms(lora: LoraFile, layers: list[dict]) -> list[dict]:
-    """`layers`: one dict per module with its "block", "rank" and "alpha". Per block, in layout order:
-    ‖ΔW‖_F of the whole block (√ of Σ over its weights of the exact squared norm of each weight's summed delta),
-    module count, mean rank and mean alpha (alpha absent = rank)."""
+    """`layers`: one dict per module of `lora`, in its order, with "block", "norm", "rank" and "alpha".
+    Per block, in layout order: ‖ΔW‖_F of the whole block (√ of Σ over its weights of the exact squared
+    norm of each weight's summed delta), module count, mean rank and mean alpha (alpha absent = rank)."""
     sq: dict[str, float] = {}
-    for key, factored in target_factors(lora).items():
+    per_key = Counter(m.target.key for m in lora.modules)
+    for module, layer in zip(lora.modules, layers, strict=True):
+        if per_key[module.target.key] == 1:  # a weight with one module: its norm is already measured
+            sq[layer["block"]] = sq.get(layer["block"], 0.0) + layer["norm"] ** 2
+    # Several modules on one weight (slices, or a file that repeats a target): the norm of their sum.
+    for key, factored in target_factors(lora, {k for k, n in per_key.items() if n > 1}).items():
         block = block_of(lora.family, key)
         sq[block] = sq.get(block, 0.0) + max(factored.norm_sq(), 0.0)
     members: dict[str, list[dict]] = {}

@@ -13,6 +13,7 @@ from tests.helpers import (
     SD1_OUT_LOKR,
     SD1_OUT_Q,
     SD1_TE_Q,
+    ai_toolkit_single_block,
     formula_delta,
     mixed_sd1_lora,
     run_cli_status,
@@ -46,6 +47,19 @@ def test_norms_per_module_and_block_match_dense(mixed, capsys, one_thread):
         assert b["norm"] == pytest.approx(expected[b["block"]] ** 0.5, rel=1e-6)
     in01 = next(b for b in blocks if b["block"] == "IN01")
     assert in01["modules"] == 2 and in01["mean_rank"] == 5 and in01["mean_alpha"] == 4.5  # ranks 8, 2; alphas 8, 1
+
+
+def test_block_norm_of_split_slices_on_one_fused_weight(tmp_path, one_thread):
+    """AI-Toolkit's q/k/v LoRAs of a Flux single block all land on linear1: the block's norm is their sum's."""
+    tensors = ai_toolkit_single_block(0, parts=("attn.to_q", "attn.to_k", "attn.to_v"))
+    path = write_lora(str(tmp_path / "split.safetensors"), tensors)
+    report = run_script(lora_info, [path, "--json"])[0]
+    prefix = "transformer.single_transformer_blocks.0."
+    sq = sum(float((tensors[f"{prefix}{p}.lora_B.weight"].double() @ tensors[f"{prefix}{p}.lora_A.weight"].double())
+                   .pow(2).sum()) for p in ("attn.to_q", "attn.to_k", "attn.to_v"))
+    (block,) = report["blocks"]
+    assert block["block"] == "S00" and block["modules"] == 3
+    assert block["norm"] == pytest.approx(sq ** 0.5, rel=1e-6)
 
 
 def _bar_heights(image, box) -> list[int]:
