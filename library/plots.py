@@ -80,9 +80,16 @@ def _draw_bars(ax, panel: BarPanel) -> None:
 
         names = list(dict.fromkeys(panel.groups))
         cmap = matplotlib.colormaps["tab20"]
-        colors = [cmap(names.index(g) % 20) for g in panel.groups]
-        ax.bar(x, values, color=colors, width=1.0 if len(x) > 60 else 0.8)
         starts = [i for i, g in enumerate(panel.groups) if i == 0 or panel.groups[i - 1] != g]
+        if len(x) > 60 and not panel.log:
+            # One filled step outline per run of a group instead of one patch per bar: an SDXL LoRA has
+            # ~1000 layers, and matplotlib draws a thousand Rectangles twenty times slower.
+            for start, stop in zip(starts, starts[1:] + [len(x)]):
+                run = [0.0 if math.isnan(v) else v for v in values[start:stop]]
+                edges = [i - 0.5 for i in range(start, stop + 1)]
+                ax.stairs(run, edges, fill=True, color=cmap(names.index(panel.groups[start]) % 20))
+        else:
+            ax.bar(x, values, color=[cmap(names.index(g) % 20) for g in panel.groups], width=0.8)
         ax.set_xticks(starts)
         ax.set_xticklabels([panel.groups[i] for i in starts], rotation=90, fontsize=7)
         ax.set_xlim(-0.5, len(x) - 0.5)
