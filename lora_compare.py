@@ -6,7 +6,7 @@
 
 For every pair of files (A, B) and every weight both change:
   cosine         ⟨ΔA, ΔB⟩_F / (‖ΔA‖_F ‖ΔB‖_F), in [-1, 1]
-  rel_norm       ‖ΔB‖_F / ‖ΔA‖_F
+  relative_norm  ‖ΔB‖_F / ‖ΔA‖_F
   overlap_out/in ‖U_Aᵀ U_B‖_F² / k over the top-k left (output) / right (input) singular vectors of each
                  delta, k = min(--top_k, the non-zero ranks): the mean squared cosine of the principal
                  angles, 1 = the same subspace, 0 = orthogonal
@@ -15,7 +15,8 @@ For every pair of files (A, B) and every weight both change:
 Inner products, norms and singular vectors are exact from the factors (LoHa/LoKr through their exact
 low-rank form), never an out×in matrix; signs have no factored form, so sign_conflict builds the dense
 deltas of one layer at a time, a block of rows at a time. The overall line per pair counts every weight
-either file changes (cosine, rel_norm) or both change (sign_conflict). Strength is not applied.
+either file changes (cosine, relative_norm) or both change (sign_conflict). Strength is not applied; DoRA
+modules count with their low-rank direction (their final delta needs the base weight).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def table(pairs: list[dict]) -> str:
     lines = []
     for pair in pairs:
         o = pair["overall"]
-        lines.append(f"{pair['a']} ~ {pair['b']}: cosine {_fmt(o['cosine'])}, rel_norm {_fmt(o['relative_norm'])}, "
+        lines.append(f"{pair['a']} ~ {pair['b']}: cosine {_fmt(o['cosine'])}, relative_norm {_fmt(o['relative_norm'])}, "
                      f"sign_conflict {_fmt(o['sign_conflict'])} over {o['shared_layers']} shared layers; "
                      f"only in {pair['a']}: {len(pair['only_in_a'])}, only in {pair['b']}: {len(pair['only_in_b'])}")
     lines.append("")
@@ -85,6 +86,8 @@ def heat_map(pairs: list[dict], metric: str, destination) -> str:
     for pair in pairs:
         for row in pair["layers"]:
             rows.setdefault(row["target"], row["block"])
+    if not rows:
+        raise LoraToolsError("no weight is changed by two of the files: there is no heat map to draw")
     by_pair = [{row["target"]: row[metric] for row in pair["layers"]} for pair in pairs]
     values = [[scores.get(target) for scores in by_pair] for target in rows]
     many = len(rows) > 60  # label blocks, not layers, when the layer names would not fit

@@ -4,6 +4,7 @@ bar charts' pixels, and the tag order."""
 import json
 
 import pytest
+import torch
 
 import lora_info
 from library.plots import BAR_COLOR
@@ -133,3 +134,20 @@ def test_dataset_dirs_malformed_is_ignored(tmp_path):
     path = write_lora(str(tmp_path / "bad.safetensors"), tensors, {"ss_dataset_dirs": "{not json"})
     report = run_script(lora_info, [path])[0]
     assert report["tags"] == [] and report["dataset_dirs"] == []
+
+
+def test_other_families_by_their_own_blocks(tmp_path):
+    """SD3 (no lbw layout): joint blocks J00…, in numeric order, and weights outside them under "other"."""
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for name, (out_dim, in_dim) in {"transformer.transformer_blocks.10.attn.to_q": (1536, 1536),
+                                    "transformer.transformer_blocks.2.attn.to_q": (1536, 1536),
+                                    "transformer.time_text_embed.timestep_embedder.linear_1": (1536, 256)}.items():
+        tensors[f"{name}.lora_A.weight"] = torch.randn(2, in_dim, generator=g)
+        tensors[f"{name}.lora_B.weight"] = torch.randn(out_dim, 2, generator=g)
+    path = write_lora(str(tmp_path / "sd3.safetensors"), tensors)
+    report = run_script(lora_info, [path, "--family", "sd3"])[0]
+    assert [b["block"] for b in report["blocks"]] == ["J02", "J10", "other"]
+    name = "transformer.transformer_blocks.10.attn.to_q"
+    dense = tensors[f"{name}.lora_B.weight"].double() @ tensors[f"{name}.lora_A.weight"].double()
+    assert report["blocks"][1]["norm"] == pytest.approx(float(dense.norm()), rel=1e-6)
