@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Inspect a LoRA file: format, model family, modules with rank and alpha, dtypes, metadata, top tags."""
+"""Inspect a LoRA file: format, model family, modules with rank, alpha and delta norm, dtypes, metadata, tags;
+with --plot, bar charts of the delta's norm, rank and alpha per block and per layer."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from library.cli import add_common_args, run_cli
 from library.errors import LoraToolsError
@@ -14,24 +16,51 @@ def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("files", nargs="+", help="LoRA files (.safetensors, or pickled .pt/.ckpt/.bin)")
     parser.add_argument("--family", default=None, help="model family, when detection cannot tell (sd1, sd2, sdxl, flux1, ...)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON (one object, or a list for several files)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (one object, or a list for several "
+                        "files), every field included: all tags, per-module and per-block norms")
+    parser.add_argument("--tags", action="store_true", help="list every training tag (ss_tag_frequency, else the "
+                        "ss_dataset_dirs folder words), most frequent first")
+    parser.add_argument("--plot", default=None, metavar="OUT.png", help="write per-block and per-layer bar charts of "
+                        "‖ΔW‖_F, rank and alpha to this PNG (one file at a time; needs matplotlib)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --plot file (never an input)")
     add_common_args(parser, writes=False, device=False, precision=False)
     return parser
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    from library.lora_summary import format_text, summarize  # torch: imported when work starts, not for --help
+    from library.lora_summary import format_text, plot_summary, summarize  # torch: imported when work starts
 
+    plot = _plot_destination(args)
     reports = [summarize(path, args.family) for path in args.files]
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, default=str))
     else:
-        print("\n\n".join(format_text(r, args.verbose) for r in reports))
+        print("\n\n".join(format_text(r, args.verbose, args.tags) for r in reports))
+    if plot is not None and "error" not in reports[0]:
+        written = plot_summary(reports[0], plot)
+        print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
     failed = [r for r in reports if "error" in r]
     if failed:
         # The report above already explains each file; the exit status tells pipelines it failed.
         raise LoraToolsError(f"{len(failed)} of {len(reports)} file(s) could not be interpreted", file=failed[0]["file"])
     return reports
+
+
+def _plot_destination(args: argparse.Namespace):
+    """The checked --plot destination (before any file is read), or None; matplotlib checked first too."""
+    if args.plot is None:
+        return None
+    from library.destination import Destination
+    from library.plots import require_matplotlib
+
+    if len(args.files) != 1:
+        raise LoraToolsError(f"--plot takes one LoRA file, {len(args.files)} were given")
+    if not args.plot.lower().endswith(".png"):
+        raise LoraToolsError("--plot must end in .png", file=args.plot)
+    require_matplotlib()
+    destination = Destination(args.plot, args.files, args.overwrite, flag="--plot")
+    destination.check()
+    return destination
 
 
 if __name__ == "__main__":

@@ -452,3 +452,46 @@ def read_everything_or_our_error(open_reader, path) -> None:
                 reader.get(key)
     except LoraToolsError:
         pass
+
+
+# ---- one module of each adapter type, and their dense deltas from the formulas (lora_info/lora_compare) ----
+
+SD1_TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # 768×768, BASE
+SD1_IN_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # 320×320, IN01
+SD1_IN_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # 320×320×3×3, IN01
+SD1_OUT_Q = "lora_unet_up_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q"  # 320×320, OUT09
+SD1_OUT_LOKR = "lora_unet_up_blocks_3_attentions_1_transformer_blocks_0_attn1_to_q"  # 320×320, OUT10
+
+
+def mixed_sd1_lora(seed: int, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """An SD1 file with one module of each adapter type (kohya/LyCORIS key names), modules in `skip` left out."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        SD1_TE_Q: {"lora_down.weight": (4, 768), "lora_up.weight": (768, 4), "alpha": 2.0},
+        SD1_IN_Q: {"lora_down.weight": (8, 320), "lora_up.weight": (320, 8), "alpha": 8.0},
+        SD1_IN_CONV: {"lora_down.weight": (2, 320, 3, 3), "lora_up.weight": (320, 2, 1, 1), "alpha": 1.0},
+        SD1_OUT_Q: {"hada_w1_a": (320, 2), "hada_w1_b": (2, 320), "hada_w2_a": (320, 2), "hada_w2_b": (2, 320),
+                    "alpha": 1.0},
+        SD1_OUT_LOKR: {"lokr_w1": (4, 4), "lokr_w2_a": (80, 2), "lokr_w2_b": (2, 80), "alpha": 1.0},
+    }
+    t = {}
+    for name, parts in shapes.items():
+        if name in skip:
+            continue
+        for suffix, shape in parts.items():
+            t[f"{name}.{suffix}"] = torch.tensor(shape) if suffix == "alpha" else torch.randn(*shape, generator=g)
+    return t
+
+
+def formula_delta(t: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """ΔW flattened to [out, in·k·k] in float64, from the formulas of each adapter type."""
+    d = {k[len(name) + 1:]: v.double() for k, v in t.items() if k.startswith(name + ".")}
+    alpha = float(d["alpha"])
+    if "lora_down.weight" in d:
+        r = d["lora_down.weight"].shape[0]
+        return alpha / r * d["lora_up.weight"].reshape(-1, r) @ d["lora_down.weight"].reshape(r, -1)
+    if "hada_w1_a" in d:
+        r = d["hada_w1_b"].shape[0]
+        return alpha / r * (d["hada_w1_a"] @ d["hada_w1_b"]) * (d["hada_w2_a"] @ d["hada_w2_b"])
+    r = d["lokr_w2_b"].shape[0]
+    return alpha / r * torch.kron(d["lokr_w1"], d["lokr_w2_a"] @ d["lokr_w2_b"])

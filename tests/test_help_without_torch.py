@@ -20,6 +20,7 @@ SCRIPTS = [
     "extract_lora_from_models.py",
     "make_mask.py",
     "merge_models.py",
+    "lora_compare.py",
 ]
 
 PROBE = (
