@@ -228,6 +228,12 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
         raise LoraToolsError("config file not found", file=path) from None
     except toml.TomlDecodeError as exc:
         raise LoraToolsError(f"invalid toml: {exc}", file=path) from None
+    return config_values(data, parser, path)
+
+
+def config_values(data: Mapping, parser: argparse.ArgumentParser, path: str) -> dict:
+    """Flag values from a toml mapping (a --config_file, a merge_grid recipe) by dest, each checked as the
+    command line would check it."""
     # Sections are allowed for readability ([model], [output], ...): their keys are flattened.
     flat: dict = {}
     for key, value in data.items():
