@@ -39,16 +39,19 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
 
 
 def process_state():
-    """accelerate's view of this process (one process, unless started by `accelerate launch`)."""
-    from accelerate import PartialState
+    """accelerate's view of this process: one process, unless started by `accelerate launch` (or torchrun).
 
-    return PartialState(cpu=True) if _forced_cpu() else PartialState()
-
-
-def _forced_cpu() -> bool:
+    accelerate gives a CPU-only launch of several processes (its `--cpu` under mpirun, or a launch on a
+    machine without CUDA) a distributed state only when asked for the CPU, so that is asked for then: the
+    processes meet over gloo."""
     import os
 
-    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    from accelerate import PartialState
+    from accelerate.utils import is_cuda_available
+
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    several = any(int(os.environ.get(k, "1") or 1) > 1 for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    return PartialState(cpu=forced or (several and not is_cuda_available()))
 
 
 def failed_row(cell: Cell, message: str) -> dict:
