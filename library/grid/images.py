@@ -65,17 +65,23 @@ class DeltaSwapper:
             name = key[: -len(".lora_A.weight")]
             up = tensors[name + ".lora_B.weight"]
             component, _, path = name.partition(".")
-            owner = getattr(self.pipe, component, None)
-            try:
-                param = owner.get_submodule(path).weight
-            except AttributeError:
-                raise LoraToolsError(f"the base pipeline has no weight {component}.{path} for this layer") from None
+            param = self.weight(component, path)
             delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
             if delta.numel() != param.numel():
                 raise LoraToolsError(f"the base pipeline's {component}.{path} has shape {tuple(param.shape)}, "
                                      f"the merged delta {tuple(delta.shape)}: another model family?")
             out.append((param, delta.reshape(param.shape)))
         return out
+
+    def weight(self, component: str, path: str) -> torch.nn.Parameter:
+        owner = getattr(self.pipe, component, None)
+        # transformers 5 dropped the `text_model.` level of CLIPTextModel that PEFT names still carry.
+        for candidate in (path, path.removeprefix("text_model.")):
+            try:
+                return owner.get_submodule(candidate).weight
+            except AttributeError:
+                continue
+        raise LoraToolsError(f"the base pipeline has no weight {component}.{path} for this layer")
 
     @contextlib.contextmanager
     def applied(self, modules: list[Module]):

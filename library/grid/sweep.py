@@ -129,13 +129,14 @@ def run_sweep(args, settings: MergeSettings, cells: list[Cell], x: Axis | None, 
 
     rows, skipped = run_cells(mine, work, finished, state=state, debug=args.debug, bar=bar)
     failed = [r for r in rows if r["status"] != "ok"]
+    titles: list[str] = []
     if state.is_main_process:
         for row in rows:
             print("  " + cell_line(row))
         print(f"{len(rows)} cell(s): {len(rows) - len(failed)} ok, {len(failed)} failed"
               + (f", {skipped} finished earlier (--resume)" if skipped else ""))
         if gather:
-            write_summary(files, rows, x, y, images is not None)
+            titles = write_summary(files, rows, x, y, images is not None)
             print(f"wrote {', '.join(files.summary_path(n) for n in names)}")
         else:
             print(f"shard {args.shard[0]}/{args.shard[1]} done; gather every shard with --resume and no --shard")
@@ -144,10 +145,11 @@ def run_sweep(args, settings: MergeSettings, cells: list[Cell], x: Axis | None, 
         first = failed[0]
         raise LoraToolsError(f"{len(failed)} of {len(rows)} cell(s) failed (cell {first['index']} "
                              f"{first['label']}: {first['error']}); the others were written")
-    return {"rows": rows, "folder": files.folder, "skipped": skipped}
+    return {"rows": rows, "folder": files.folder, "skipped": skipped, "sheet_titles": titles}
 
 
-def write_summary(files: GridFiles, rows: list[dict], x: Axis | None, y: Axis | None, with_sheet: bool) -> None:
+def write_summary(files: GridFiles, rows: list[dict], x: Axis | None, y: Axis | None, with_sheet: bool) -> list[str]:
+    """grid.csv, grid.json, grid.png (and sheet.png); returns the contact sheet's cell titles."""
     from library.grid.plot import png_bytes
     from library.grid.sheet import contact_sheet, metrics_figure
 
@@ -161,7 +163,9 @@ def write_summary(files: GridFiles, rows: list[dict], x: Axis | None, y: Axis | 
 
         tiles = {r["index"]: Image.open(files.summary_path(r["image"])).convert("RGB") for r in rows if r.get("image")}
         labels = {r["index"]: r["label"] for r in rows}
-        fig, _ = contact_sheet(tiles, labels, len(y.values) if y else 1, len(x.values) if x else 1)
+        fig, titles = contact_sheet(tiles, labels, len(y.values) if y else 1, len(x.values) if x else 1)
         files.write_bytes(files.summary_path("sheet.png"), png_bytes(fig))
+        return titles
+    return []
 
 
