@@ -263,3 +263,13 @@ def test_without_matplotlib_one_line_install_hint_before_any_work(tmp_path, caps
     assert code == 2 and captured.err.count("\n") == 1
     assert "pip install -r requirements-extras.txt" in captured.err
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_lists_the_cells_and_writes_nothing(tmp_path, capsys):
+    _, _, paths = fixture(tmp_path)
+    result = grid(["--models", *paths, "--x", "density=0.25:1:4", "--y", "mode=ties,dare_ties", "--dry_run",
+                   "--save_to", str(tmp_path / "out")])
+    assert len(result["cells"]) == 8
+    out = capsys.readouterr().out
+    assert "cell 7: density=1 mode=dare_ties" in out and "8 cell(s); nothing written" in out
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,8 @@ deduplicated, as Power-Merge's "XY: PM LoRA SVD Rank" does. NAMEs are the merge 
 
 A recipe is a toml file: `x` and `y` as spec strings or as one-key tables (`[x]` then `ratio_a = [0, 0.5, 1]`),
 `models` (a list) and any other merge flag by its name (`new_rank = 16`), used where the command line left
-that flag at its default. Torch-free: a bad spec fails in one line before anything is read.
+that flag at its default (`--x`/`--y` replace the recipe's axes). Torch-free: a bad spec fails in one
+line before anything is read.
 """
 
 from __future__ import annotations
