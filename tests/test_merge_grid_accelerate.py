@@ -42,3 +42,8 @@ def test_two_accelerate_processes_give_the_csv_of_one(tmp_path):
         made_by.add(tuple(record["process"]))
     assert made_by == {(0, 2), (1, 2)}  # each process merged its share of the cells
     assert two.stdout.count("wrote ") == 1  # one summary, from the main process
+    # A refusal on any process stops every process (none is left waiting at the gather): a rerun into the
+    # same folder without --resume or --overwrite.
+    again = subprocess.run([*launch, *argv, "--save_to", str(tmp_path / "two")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "output exists; pass --overwrite to replace it" in again.stderr

@@ -54,6 +54,30 @@ def process_state():
     return PartialState(cpu=forced or (several and not is_cuda_available()))
 
 
+def local_cells(cells: list[Cell], state) -> list[Cell]:
+    """This process's share of `cells` (the same split run_cells makes)."""
+    with state.split_between_processes(cells) as mine:
+        return list(mine)
+
+
+def checked_everywhere(state, check: Callable[[], None]) -> None:
+    """Run `check` on every process and raise the first refusal on all of them: a process that stopped alone
+    would leave the others waiting for it at the gather."""
+    if state.num_processes == 1:
+        check()
+        return
+    from accelerate.utils import gather_object
+
+    try:
+        check()
+        problems = []
+    except LoraToolsError as exc:
+        problems = [str(exc)]  # text, not the exception: it crosses processes pickled
+    problems = gather_object(problems)
+    if problems:
+        raise LoraToolsError(problems[0])
+
+
 def failed_row(cell: Cell, message: str) -> dict:
     return {"index": cell.index, "row": cell.row, "col": cell.col, "label": cell.label, **cell.params,
             "status": "failed", "error": message}
@@ -83,15 +107,15 @@ def run_cells(cells: list[Cell], work: Callable[[Cell], dict], finished: Callabl
     from library.cli import progress
 
     rows, skipped = [], 0
-    with state.split_between_processes(cells) as mine:
-        label = f"grid [{state.process_index}]" if state.num_processes > 1 else "grid"
-        for cell in progress(mine, desc=label, total=len(mine), enabled=bar):
-            row = finished(cell)
-            if row is not None:
-                skipped += 1
-            else:
-                row = attempt(work, cell, debug)
-            rows.append(row)
+    mine = local_cells(cells, state)
+    label = f"grid [{state.process_index}]" if state.num_processes > 1 else "grid"
+    for cell in progress(mine, desc=label, total=len(mine), enabled=bar):
+        row = finished(cell)
+        if row is not None:
+            skipped += 1
+        else:
+            row = attempt(work, cell, debug)
+        rows.append(row)
     if state.num_processes > 1:
         from accelerate.utils import gather_object
 

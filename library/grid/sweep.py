@@ -12,7 +12,7 @@ from library.errors import LoraToolsError
 from library.grid.cells import Sweep, merge_cell, write_cell
 from library.grid.files import GridFiles, csv_text, fingerprint
 from library.grid.metrics import cell_metrics
-from library.grid.runner import process_state, run_cells, shard_cells
+from library.grid.runner import checked_everywhere, local_cells, process_state, run_cells, shard_cells
 from library.grid.spec import FLAG_DEST, PARAMS, Axis, Cell, cell_settings
 from library.svd_merge import MergeSettings
 
@@ -88,18 +88,21 @@ def run_sweep(args, settings: MergeSettings, cells: list[Cell], x: Axis | None, 
     mine = shard_cells(cells, args.shard)
     gather = args.shard is None
     exts = ["json"] + ([] if args.metrics_only else ["safetensors"]) + (["png"] if args.base_model else [])
-    if gather and state.is_main_process:
-        pyplot()  # without matplotlib: its one-line hint now, not after the sweep
+    names = SUMMARY + (["sheet.png"] if args.base_model else [])
+    checked_everywhere(state, lambda: pyplot() if gather and state.is_main_process else None)
     if state.is_main_process:
         files.make_folders()
     state.wait_for_everyone()
     finished = (lambda cell: files.finished(cell, sweep_id)) if args.resume else (lambda cell: None)
-    for cell in mine:  # every path checked before the first merge, so a bad one fails in a second
-        if finished(cell) is None:
-            files.check_cell(cell, exts)
-    names = SUMMARY + (["sheet.png"] if args.base_model else [])
-    if gather and state.is_main_process:
-        files.check_summary(names)
+
+    def check() -> None:  # every path checked before the first merge, so a bad one fails in a second
+        for cell in local_cells(mine, state):  # this process's cells only: the others may be writing theirs
+            if finished(cell) is None:
+                files.check_cell(cell, exts)
+        if gather and state.is_main_process:
+            files.check_summary(names)
+
+    checked_everywhere(state, check)
 
     block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,
                                              seed=args.seed, x=args.lbw_x)
