@@ -34,9 +34,10 @@ def metrics_figure(rows: list[dict], x: Axis | None, y: Axis | None, shown=SHOWN
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto")
         for r in range(n_rows):
             for c in range(n_cols):
-                text = "failed" if math.isnan(grid[r, c]) else f"{grid[r, c]:.3g}"
-                ax.text(c, r, text, ha="center", va="center", fontsize=8,
-                        color="black" if math.isnan(grid[r, c]) else "white")
+                missing = math.isnan(grid[r, c])
+                text = "failed" if missing else f"{grid[r, c]:.3g}"
+                bright = missing or float(image.norm(grid[r, c])) > 0.6  # viridis turns yellow towards 1
+                ax.text(c, r, text, ha="center", va="center", fontsize=8, color="black" if bright else "white")
         ax.set_xticks(range(n_cols), _ticks(x))
         ax.set_yticks(range(n_rows), _ticks(y))
         ax.set_xlabel(x.name if x else "")
