@@ -57,8 +57,7 @@ def test_one_image_per_cell_from_one_loaded_pipeline_and_a_labelled_sheet(tmp_pa
     import merge_grid
 
     base = tiny_pipeline(tmp_path)
-    shapes = kohya_modules("sd1")
-    modules = [m for m in make_modules(shapes)]
+    modules = make_modules(kohya_modules("sd1"))
     # alpha = 40·rank: deltas large enough to move a random UNet's 16-pixel image by whole 8-bit steps
     paths = [write_lora(str(tmp_path / f"{n}.safetensors"), make_lora(modules, 4, alpha=160, seed=s,
                         dtype=torch.float32), kohya_metadata("sd1", 4, 160)) for n, s in (("a", 1), ("b", 2))]
