@@ -24,19 +24,8 @@ import argparse
 import sys
 
 # Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
-from library.cli import (
-    add_common_args,
-    add_dynamic_rank_args,
-    finite_float,
-    nonnegative_int,
-    positive_int,
-    prepare_output,
-    progress,
-    run_cli,
-)
-from library.formats.specs import FORMATS
+from library.cli import add_common_args, add_svd_merge_args, finite_float, prepare_output, progress, run_cli
 from library.lowrank_rules import check_dynamic_flags, check_quantile
-from library.methods import DELTA, SIGN_METHODS, mode_choices
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -45,55 +34,10 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratios", nargs="*", type=finite_float, default=None,
                         help="strength per model (negative allowed; default 1 each)")
     parser.add_argument("--save_to", default=None, help="output .safetensors")
-    parser.add_argument("--new_rank", "--svd_rank", type=positive_int, default=4,
-                        help="rank of Linear and 1×1 conv layers; the cap when --dynamic_method is used (default 4)")
-    parser.add_argument("--new_conv_rank", "--svd_conv_rank", type=positive_int, default=None,
-                        help="rank of k×k conv layers (default: --new_rank)")
-    parser.add_argument("--mode", default="add", choices=mode_choices(DELTA),
-                        help="how the per-layer deltas ratioᵢ·ΔWᵢ are combined before the SVD (default add)")
-    parser.add_argument("--density", type=finite_float, default=1.0,
-                        help="ties/dare/magnitude_prune: share of entries kept, in (0, 1] (default 1)")
-    parser.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS,
-                        help="ties/dare_ties sign election (default total)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of DARE masks and of the randomized SVD")
-    add_dynamic_rank_args(parser, "per-layer rank as resize_lora.py: sv_ratio, sv_fro or sv_cumulative (capped by "
-                               "--new_rank / --new_conv_rank)")
-    parser.add_argument("--clamp_quantile", type=finite_float, default=None,
-                        help="clip both factors to ±this quantile of their entries (sd-scripts used 0.99 always; "
-                             "off by default because it adds error, reported with -v)")
-    parser.add_argument("--svd_oversample", type=nonnegative_int, default=None,
-                        help="randomized SVD oversampling for dense layers (default max(rank, 10))")
-    parser.add_argument("--svd_power_iters", type=nonnegative_int, default=2,
-                        help="randomized SVD power iterations for dense layers (default 2)")
-    parser.add_argument("--lbws", nargs="*", default=None,
-                        help="block weights per model: a webui lora-block-weight string, a JSON list (sd-scripts) "
-                             "or a preset name; '-' for none")
-    parser.add_argument("--lbw_presets", default=None, help="toml (NAME = \"1,0,…\") or webui lbwpresets.txt file")
-    parser.add_argument("--lbw_x", type=finite_float, default=1.0, help="value of X in block-weight strings (default 1)")
-    parser.add_argument("--format", default=None, choices=tuple(FORMATS),
-                        help="output LoRA format (default: that of the first input; LyCORIS and others → kohya)")
-    parser.add_argument("--family", default=None, help="model family when detection is ambiguous (sd1, sd2, sdxl, flux1…)")
-    parser.add_argument("--allow_unmatched", action="store_true", help="skip input keys that map to no layer")
+    add_svd_merge_args(parser)
     parser.add_argument("--report", default=None, help="write per-layer figures and a summary to this JSON file")
-    parser.add_argument("--no_metadata", action="store_true", help="write only the metadata a loader needs")
     add_common_args(parser)
     return parser
-
-
-def settings_from(args: argparse.Namespace):
-    import torch
-
-    from library.cli import compute_dtype, resolve_device, warn
-    from library.svd_merge import MergeSettings
-
-    dtype = compute_dtype(args)
-    if dtype not in (torch.float32, torch.float64):
-        warn(f"--precision {args.precision}: QR/SVD have no half-precision kernels; the maths runs in fp32")
-    return MergeSettings(mode=args.mode, new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
-                         dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param, density=args.density,
-                         sign_method=args.majority_sign_method, seed=args.seed, clamp_quantile=args.clamp_quantile,
-                         oversample=args.svd_oversample, power_iters=args.svd_power_iters,
-                         device=resolve_device(args.device), dtype=dtype)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -104,12 +48,12 @@ def main(args: argparse.Namespace) -> dict:
     from library.lora_combine import group_targets
     from library.lora_output import output_format
     from library.svd_merge import merge_layers, uses_factored_route
-    from library.svd_merge_io import jobs_from_groups, layer_lines, summary, summary_line, write_merged
+    from library.svd_merge_io import jobs_from_groups, layer_lines, merge_settings, summary, summary_line, write_merged
 
     ratios = ratios_for(args.ratios, args.models)  # a count that does not match --models: refused before any work
     check_dynamic_flags(args.dynamic_method, args.dynamic_param)
     check_quantile(args.clamp_quantile)
-    settings = settings_from(args)
+    settings = merge_settings(args)
     save_to = prepare_output(args.save_to, args.models, args)
     block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,
                                              seed=args.seed, x=args.lbw_x)

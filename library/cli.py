@@ -148,6 +148,44 @@ def add_lora_merge_args(parser: argparse.ArgumentParser) -> None:
                         help="seed of DARE masks, --shuffle and R/U block weights (drawn per target)")
 
 
+def add_svd_merge_args(parser: argparse.ArgumentParser) -> None:
+    """svd_merge_lora.py's merge flags (sd-scripts' names, Power-Merge's aliases), shared with merge_grid.py,
+    which sweeps them; `library.svd_merge_io.merge_settings` turns them into MergeSettings."""
+    from library.formats.specs import FORMATS
+    from library.methods import DELTA, SIGN_METHODS, mode_choices
+
+    parser.add_argument("--new_rank", "--svd_rank", type=positive_int, default=4,
+                        help="rank of Linear and 1×1 conv layers; the cap when --dynamic_method is used (default 4)")
+    parser.add_argument("--new_conv_rank", "--svd_conv_rank", type=positive_int, default=None,
+                        help="rank of k×k conv layers (default: --new_rank)")
+    parser.add_argument("--mode", default="add", choices=mode_choices(DELTA),
+                        help="how the per-layer deltas ratioᵢ·ΔWᵢ are combined before the SVD (default add)")
+    parser.add_argument("--density", type=finite_float, default=1.0,
+                        help="ties/dare/magnitude_prune: share of entries kept, in (0, 1] (default 1)")
+    parser.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS,
+                        help="ties/dare_ties sign election (default total)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of DARE masks and of the randomized SVD")
+    add_dynamic_rank_args(parser, "per-layer rank as resize_lora.py: sv_ratio, sv_fro or sv_cumulative (capped by "
+                               "--new_rank / --new_conv_rank)")
+    parser.add_argument("--clamp_quantile", type=finite_float, default=None,
+                        help="clip both factors to ±this quantile of their entries (sd-scripts used 0.99 always; "
+                             "off by default because it adds error, reported with -v)")
+    parser.add_argument("--svd_oversample", type=nonnegative_int, default=None,
+                        help="randomized SVD oversampling for dense layers (default max(rank, 10))")
+    parser.add_argument("--svd_power_iters", type=nonnegative_int, default=2,
+                        help="randomized SVD power iterations for dense layers (default 2)")
+    parser.add_argument("--lbws", nargs="*", default=None,
+                        help="block weights per model: a webui lora-block-weight string, a JSON list (sd-scripts) "
+                             "or a preset name; '-' for none")
+    parser.add_argument("--lbw_presets", default=None, help="toml (NAME = \"1,0,…\") or webui lbwpresets.txt file")
+    parser.add_argument("--lbw_x", type=finite_float, default=1.0, help="value of X in block-weight strings (default 1)")
+    parser.add_argument("--format", default=None, choices=tuple(FORMATS),
+                        help="output LoRA format (default: that of the first input; LyCORIS and others → kohya)")
+    parser.add_argument("--family", default=None, help="model family when detection is ambiguous (sd1, sd2, sdxl, flux1…)")
+    parser.add_argument("--allow_unmatched", action="store_true", help="skip input keys that map to no layer")
+    parser.add_argument("--no_metadata", action="store_true", help="write only the metadata a loader needs")
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, device: bool = True,
                     precision: bool = True, save_default: str = "that of the input") -> argparse.ArgumentParser:
     one_line_errors(parser)
@@ -190,6 +228,12 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
         raise LoraToolsError("config file not found", file=path) from None
     except toml.TomlDecodeError as exc:
         raise LoraToolsError(f"invalid toml: {exc}", file=path) from None
+    return config_values(data, parser, path)
+
+
+def config_values(data: Mapping, parser: argparse.ArgumentParser, path: str) -> dict:
+    """Flag values from a toml mapping (a --config_file, a merge_grid recipe) by dest, each checked as the
+    command line would check it."""
     # Sections are allowed for readability ([model], [output], ...): their keys are flattened.
     flat: dict = {}
     for key, value in data.items():

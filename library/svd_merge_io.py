@@ -18,7 +18,7 @@ from library.errors import LoraToolsError
 from library.formats.types import Module
 from library.lora_combine import Group, Term, _padded
 from library.lowrank_engine import LayerResult, summarize
-from library.svd_merge import LayerJob
+from library.svd_merge import LayerJob, MergeSettings
 
 PRINT_LIMIT = 40  # layer lines printed with -v (-vv prints all)
 
@@ -57,6 +57,20 @@ class PlacedAdapter:
     def describe(self) -> str:
         whole = self.rows == (0, self.total)
         return self.inner.describe() + ("" if whole else f" rows {self.rows[0]}:{self.rows[1]}")
+
+
+def merge_settings(args) -> MergeSettings:
+    """MergeSettings from the flags of cli.add_svd_merge_args (svd_merge_lora.py, merge_grid.py)."""
+    from library.cli import compute_dtype, resolve_device, warn
+
+    dtype = compute_dtype(args)
+    if dtype not in (torch.float32, torch.float64):
+        warn(f"--precision {args.precision}: QR/SVD have no half-precision kernels; the maths runs in fp32")
+    return MergeSettings(mode=args.mode, new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
+                         dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param, density=args.density,
+                         sign_method=args.majority_sign_method, seed=args.seed, clamp_quantile=args.clamp_quantile,
+                         oversample=args.svd_oversample, power_iters=args.svd_power_iters,
+                         device=resolve_device(args.device), dtype=dtype)
 
 
 def jobs_from_groups(groups: list[Group], n_inputs: int) -> list[LayerJob]:
@@ -120,7 +134,8 @@ def write_report(path: str, results: dict[str, LayerResult], stats: dict, extra:
 
 def write_merged(save_to: str, groups: list[Group], results: dict[str, LayerResult], stats: dict, inputs, family: str,
                  fmt: str, *, mode: str, seed: int, randomized_svd: bool, save_precision: str | None, report: str | None,
-                 report_extra: dict, args: object, minimal: bool = False, overwrite: bool = False) -> list[Module]:
+                 report_extra: dict, args: object, minimal: bool = False, overwrite: bool = False,
+                 script: str = "svd_merge_lora.py") -> list[Module]:
     """The merged LoRA through the one writer (the seed recorded only when something drew from it), then the
     `--report` JSON, checked against the inputs and the LoRA just written. `args` only feeds provenance."""
     from library.lora_output import output_dtype, write_lora
@@ -130,7 +145,7 @@ def write_merged(save_to: str, groups: list[Group], results: dict[str, LayerResu
     modules = modules_from_results(groups, results)
     paths = [i.path for i in inputs]
     write_lora(save_to, modules, family, fmt, dtype=output_dtype((i.lora for i in inputs), save_precision),
-               script="svd_merge_lora.py", args=args, inputs=paths, base_metadata=inputs[0].lora.metadata,
+               script=script, args=args, inputs=paths, base_metadata=inputs[0].lora.metadata,
                merged_from=[title_of(i.path, i.lora.metadata) for i in inputs],
                seed=recorded_seed(seed, mode=mode, block_weights=[i.block_weights for i in inputs],
                                   randomized_svd=randomized_svd),

@@ -21,6 +21,7 @@ SCRIPTS = [
     "make_mask.py",
     "merge_models.py",
     "lora_compare.py",
+    "merge_grid.py",
 ]
 
 PROBE = (
