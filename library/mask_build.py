@@ -23,17 +23,16 @@ from library.destination import Destination, write_text
 from library.errors import LoraToolsError
 from library.mask_file import MaskWriter, count_selected, pack_bits, read_mask, unpack_bits
 from library.mask_report import (
-    INSTALL_HINT,
     MaskRow,
     format_mask_summary,
     format_model_summary,
     mask_summary,
-    matplotlib_available,
     model_summary,
     norm_row,
     plot_png,
 )
 from library.metadata import provenance
+from library.plots import INSTALL_HINT, matplotlib_available
 from library.safetensors_io import open_checkpoint
 
 MODEL_METHODS = ("simple", "magnitude", "random", "quad")

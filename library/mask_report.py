@@ -9,7 +9,6 @@ any key set gets one.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -18,9 +17,9 @@ import torch
 
 from library.destination import Destination, write_bytes
 from library.errors import LoraToolsError
+from library.plots import new_figure, png_bytes
 
 NORM_CHUNK = 1 << 22  # elements per float64 pass, so a norm never makes a float64 copy of a whole layer
-INSTALL_HINT = "--plot needs matplotlib, which is not installed: pip install -r requirements-extras.txt"
 
 
 def block_of(key: str) -> str:
@@ -143,39 +142,22 @@ def format_model_summary(summary: Mapping, title: str, verbose: int = 0) -> str:
 
 # ---- plot -------------------------------------------------------------------------------------------------
 
-def matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def plot_png(destination: Destination, title: str, series: Mapping[str, Sequence[float]], labels: Iterable[str],
              ylabel: str) -> str:
     """A line plot of per-layer values (one line per series) against the layer index, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never open a window, work without a display
-    import matplotlib.pyplot as plt
-
     labels = list(labels)
-    fig, ax = plt.subplots(figsize=(max(8.0, min(40.0, len(labels) / 25)), 4.5), dpi=100)
-    try:
-        for name, values in series.items():
-            ax.plot(range(len(values)), values, marker="." if len(values) < 200 else None, linewidth=1, label=name)
-        # Tick the first layer of each block so the x axis says where in the model a value lies.
-        ticks = [i for i, k in enumerate(labels) if i == 0 or block_of(k) != block_of(labels[i - 1])]
-        step = max(1, len(ticks) // 40)
-        ax.set_xticks(ticks[::step], [block_of(labels[i]).split(".", 2)[-1] for i in ticks[::step]],
-                      rotation=90, fontsize=6)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
-        if len(series) > 1:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-    finally:
-        plt.close(fig)
-    return write_bytes(destination, buffer.getvalue())
+    fig = new_figure(figsize=(max(8.0, min(40.0, len(labels) / 25)), 4.5), dpi=100)
+    ax = fig.subplots()
+    for name, values in series.items():
+        ax.plot(range(len(values)), values, marker="." if len(values) < 200 else None, linewidth=1, label=name)
+    # Tick the first layer of each block so the x axis says where in the model a value lies.
+    ticks = [i for i, k in enumerate(labels) if i == 0 or block_of(k) != block_of(labels[i - 1])]
+    step = max(1, len(ticks) // 40)
+    ax.set_xticks(ticks[::step], [block_of(labels[i]).split(".", 2)[-1] for i in ticks[::step]],
+                  rotation=90, fontsize=6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return write_bytes(destination, png_bytes(fig))

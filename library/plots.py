@@ -58,14 +58,35 @@ class Chart:
         return Destination(self.path, self.inputs, self.overwrite, flag="--plot")
 
 
-def _save(fig, where: str | os.PathLike | Destination | Chart, dpi: int) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def matplotlib_available() -> bool:
+    try:
+        require_matplotlib()
+    except LoraToolsError:
+        return False
+    return True
 
+
+def new_figure(**kwargs):
+    """A matplotlib Figure on its own Agg canvas (no pyplot, no global state), or the one-line install hint."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig, dpi: int = 100, *, tight: bool = False) -> bytes:
+    """The figure rendered as PNG in memory (the atomic writers of library.destination put it on disk)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
+    return buffer.getvalue()
+
+
+def _save(fig, where: str | os.PathLike | Destination | Chart, dpi: int) -> str:
     chart = where if isinstance(where, Chart) else Chart(where)
-    return write_bytes(chart.destination(), buffer.getvalue())
+    return write_bytes(chart.destination(), png_bytes(fig, dpi))
 
 
 def _draw_bars(ax, panel: BarPanel) -> None:

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 import make_mask
 from library import masks as M
 from library.mask_file import MaskWriter, read_mask
-from library.mask_report import block_of, matplotlib_available
+from library.mask_report import block_of
+from library.plots import matplotlib_available
 from tests.helpers import fingerprints, run_cli_status, run_script, temp_files
 
 UNET = "model.diffusion_model."

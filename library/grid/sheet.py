@@ -1,13 +1,13 @@
 """The sweep's pictures: a PNG grid of each metric over the x × y cells, and the labelled contact sheet of
-the cells' images (the image path). Both are matplotlib figures (library.grid.plot) built from the rows
+the cells' images (the image path). Both are matplotlib figures (library.plots.new_figure) built from the rows
 the runner gathered; a failed cell is a grey square marked "failed"."""
 
 from __future__ import annotations
 
 import math
 
-from library.grid.plot import pyplot
 from library.grid.spec import Axis, _text
+from library.plots import new_figure
 
 SHOWN = ("relative_error", "energy_retained", "cosine", "norm_ratio")
 
@@ -18,19 +18,19 @@ def _ticks(axis: Axis | None) -> list[str]:
 
 def metrics_figure(rows: list[dict], x: Axis | None, y: Axis | None, shown=SHOWN):
     """One heat map per metric: rows are y values, columns x values, each square annotated with its value."""
-    plt = pyplot()
+    import matplotlib
     import numpy as np
 
     n_rows, n_cols = (len(y.values) if y else 1), (len(x.values) if x else 1)
-    fig, axes = plt.subplots(1, len(shown), figsize=(max(3.5, 0.9 * n_cols + 2.5) * len(shown), 0.7 * n_rows + 2.2),
-                             squeeze=False, layout="constrained")
+    fig = new_figure(figsize=(max(3.5, 0.9 * n_cols + 2.5) * len(shown), 0.7 * n_rows + 2.2), layout="constrained")
+    axes = fig.subplots(1, len(shown), squeeze=False)
     for ax, metric in zip(axes[0], shown):
         grid = np.full((n_rows, n_cols), np.nan)
         for row in rows:
             value = row.get(metric)
             if row["status"] == "ok" and value is not None and math.isfinite(value):
                 grid[row["row"], row["col"]] = value
-        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto")
         for r in range(n_rows):
             for c in range(n_cols):
@@ -50,8 +50,8 @@ def metrics_figure(rows: list[dict], x: Axis | None, y: Axis | None, shown=SHOWN
 
 def contact_sheet(tiles: dict[int, object], labels: dict[int, str], n_rows: int, n_cols: int):
     """Cell images in their grid position, each titled with its settings; returns (figure, titles drawn)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.0 * n_cols, 3.4 * n_rows), squeeze=False, layout="constrained")
+    fig = new_figure(figsize=(3.0 * n_cols, 3.4 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     titles = []
     for index in range(n_rows * n_cols):
         ax = axes[index // n_cols][index % n_cols]

@@ -76,9 +76,9 @@ def run_sweep(args, settings: MergeSettings, cells: list[Cell], x: Axis | None, 
     from library.block_weights import block_weights_for_models
     from library.checks import refusing_nonfinite
     from library.cli import resolve_device
-    from library.grid.plot import pyplot
     from library.inputs import lora_inputs
     from library.lora_output import output_format
+    from library.plots import require_matplotlib
 
     state = process_state()
     if state.num_processes > 1 and args.device == "auto":
@@ -89,7 +89,7 @@ def run_sweep(args, settings: MergeSettings, cells: list[Cell], x: Axis | None, 
     gather = args.shard is None
     exts = ["json"] + ([] if args.metrics_only else ["safetensors"]) + (["png"] if args.base_model else [])
     names = SUMMARY + (["sheet.png"] if args.base_model else [])
-    checked_everywhere(state, lambda: pyplot() if gather and state.is_main_process else None)
+    checked_everywhere(state, lambda: require_matplotlib() if gather and state.is_main_process else None)
     if state.is_main_process:
         files.make_folders()
     state.wait_for_everyone()
@@ -153,21 +153,21 @@ def run_sweep(args, settings: MergeSettings, cells: list[Cell], x: Axis | None, 
 
 def write_summary(files: GridFiles, rows: list[dict], x: Axis | None, y: Axis | None, with_sheet: bool) -> list[str]:
     """grid.csv, grid.json, grid.png (and sheet.png); returns the contact sheet's cell titles."""
-    from library.grid.plot import png_bytes
     from library.grid.sheet import contact_sheet, metrics_figure
+    from library.plots import png_bytes
 
     axis_names = [a.name for a in (x, y) if a is not None]
     files.write_bytes(files.summary_path("grid.csv"), csv_text(rows, axis_names).encode())
     axes = {k: {"name": a.name, "values": list(a.values)} for k, a in (("x", x), ("y", y)) if a is not None}
     files.write_bytes(files.summary_path("grid.json"), json.dumps({"axes": axes, "cells": rows}, indent=1).encode())
-    files.write_bytes(files.summary_path("grid.png"), png_bytes(metrics_figure(rows, x, y)))
+    files.write_bytes(files.summary_path("grid.png"), png_bytes(metrics_figure(rows, x, y), tight=True))
     if with_sheet:
         from PIL import Image
 
         tiles = {r["index"]: Image.open(files.summary_path(r["image"])).convert("RGB") for r in rows if r.get("image")}
         labels = {r["index"]: r["label"] for r in rows}
         fig, titles = contact_sheet(tiles, labels, len(y.values) if y else 1, len(x.values) if x else 1)
-        files.write_bytes(files.summary_path("sheet.png"), png_bytes(fig))
+        files.write_bytes(files.summary_path("sheet.png"), png_bytes(fig, tight=True))
         return titles
     return []
 
