@@ -23,7 +23,7 @@ from library.cli import (
 )
 from library.console import warn
 from library.formats.specs import WRITE_FORMATS
-from library.methods import FACTOR, delta_aliases, names
+from library.methods import FACTOR, delta_aliases, method_params, names
 
 # Torch and the maths are imported inside the functions that do the work, so that --help stays fast.
 SCRIPT = "flux_merge_lora.py"
@@ -95,7 +95,8 @@ def merge_into_lora(args, inputs: list, mode: str, device, save_to: str | None, 
     from library.lora_merge import MergeOptions, merge_and_write, plan_lora_merge
 
     save_to = prepare_output(save_to, args.models, args)
-    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle, args.new_rank, device)
+    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle, args.new_rank, device,
+                           method_params(args))
     plan = plan_lora_merge(inputs, mode, fmt, save_to, options)
     merged = merge_and_write(plan, describe=lambda m: print(m.component_line(plan, label), file=sys.stderr),
                              script=SCRIPT, args=args, save_precision=args.save_precision, dry_run=args.dry_run,

@@ -45,7 +45,7 @@ from library.cli import (
 )
 from library.errors import LoraToolsError
 from library.formats.specs import WRITE_FORMATS
-from library.methods import FACTOR, mode_choices, recorded_seed
+from library.methods import FACTOR, method_params, mode_choices, recorded_seed
 
 # Torch and the maths are imported inside the functions that do the work, so that --help stays fast.
 
@@ -121,7 +121,7 @@ def merge_loras(args: argparse.Namespace, block_weights) -> dict:
     save_to = prepare_output(args.save_to, args.models, args)
     inputs = lora_inputs(args.models, args.ratios, block_weights, family=args.family,
                          allow_unmatched=args.allow_unmatched)
-    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle)
+    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle, params=method_params(args))
     plan = plan_lora_merge(inputs, "concat" if args.concat else args.mode, args.format, save_to, options)
     merged = merge_and_write(plan, describe=lambda m: print_lora_merge(plan, m, args.verbose), script="merge_lora.py",
                              args=args, save_precision=args.save_precision, dry_run=args.dry_run,

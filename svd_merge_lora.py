@@ -9,11 +9,10 @@ Replaces sd-scripts' svd_merge_lora.py (same flags) and ComfyUI Power-Merge's "P
 layers; LoCon 3×3 convs, Tucker, LoHa and LoKr. DoRA needs the base weight: use merge_lora.py --sd_model.
 
 Per layer, the merged delta M = method(ratioᵢ·ΔWᵢ) is reduced to the requested rank:
-- `add` over LoRA/LoCon inputs: exact SVD of Σ ratioᵢ·ΔWᵢ from the stacked factors (QR + small core SVD),
-  never forming M, batched over layers of equal shape — the optimal truncation, error known exactly.
-- `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` (PEFT's definitions; DARE rescales by 1/density,
-  masks seeded by (--seed, layer, input)), and LoHa/LoKr inputs: M formed one layer at a time, randomized
-  SVD (oversampling, power iterations); the relative error against M is measured and reported.
+- `add` over LoRA/LoCon/LoHa/LoKr inputs (LoHa/LoKr by their exact factors): exact SVD of Σ ratioᵢ·ΔWᵢ from
+  the stacked factors (QR + small core SVD), never forming M — the optimal truncation, error known exactly.
+- `ties`, `dare_*`, `magnitude_prune`, `della`, `breadcrumbs` (masks seeded by (--seed, layer, input)):
+  M formed per layer, randomized SVD (oversampling, power iterations); the error against M is reported.
 No quantile clamp unless --clamp_quantile is given (sd-scripts' 0.99 clamp adds 9–19 % error per layer).
 Output alpha = rank (scale 1), so the product is exactly what the SVD kept.
 """
@@ -27,6 +26,7 @@ import sys
 from library.cli import (
     add_common_args,
     add_dynamic_rank_args,
+    add_method_param_args,
     finite_float,
     nonnegative_int,
     positive_int,
@@ -36,7 +36,7 @@ from library.cli import (
 )
 from library.formats.specs import FORMATS
 from library.lowrank_rules import check_dynamic_flags, check_quantile
-from library.methods import DELTA, SIGN_METHODS, mode_choices
+from library.methods import DELTA, SIGN_METHODS, method_params, mode_choices
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS,
                         help="ties/dare_ties sign election (default total)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE masks and of the randomized SVD")
+    add_method_param_args(parser)  # della / breadcrumbs: --epsilon, --lambda, --gamma
     add_dynamic_rank_args(parser, "per-layer rank as resize_lora.py: sv_ratio, sv_fro or sv_cumulative (capped by "
                                "--new_rank / --new_conv_rank)")
     parser.add_argument("--clamp_quantile", type=finite_float, default=None,
@@ -93,7 +94,7 @@ def settings_from(args: argparse.Namespace):
                          dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param, density=args.density,
                          sign_method=args.majority_sign_method, seed=args.seed, clamp_quantile=args.clamp_quantile,
                          oversample=args.svd_oversample, power_iters=args.svd_power_iters,
-                         device=resolve_device(args.device), dtype=dtype)
+                         device=resolve_device(args.device), dtype=dtype, **method_params(args))
 
 
 def main(args: argparse.Namespace) -> dict:

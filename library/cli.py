@@ -146,6 +146,18 @@ def add_lora_merge_args(parser: argparse.ArgumentParser) -> None:
                         help="ties/dare_ties sign election (default total)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of DARE masks, --shuffle and R/U block weights (drawn per target)")
+    add_method_param_args(parser)
+
+
+def add_method_param_args(parser: argparse.ArgumentParser) -> None:
+    """Parameters of della and breadcrumbs (library/merge_methods_sparse.py), mergekit's names."""
+    group = parser.add_argument_group("della / breadcrumbs")
+    group.add_argument("--epsilon", type=finite_float, default=0.1,
+                       help="della: keep probabilities spread over [density − epsilon, density + epsilon] (default 0.1)")
+    group.add_argument("--lambda", dest="lambda_", type=finite_float, default=1.0,
+                       help="della: scale of the merged delta (default 1)")
+    group.add_argument("--gamma", type=finite_float, default=0.01,
+                       help="breadcrumbs: share of the largest magnitudes dropped per tensor (default 0.01)")
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, device: bool = True,

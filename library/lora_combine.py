@@ -214,7 +214,8 @@ def _shuffled(up: torch.Tensor, down: torch.Tensor, seed: int, name: str) -> tup
 
 
 def combine(groups: list[Group], mode: str = "concat", *, density: float = 1.0, sign_method: str = "total",
-            seed: int = 0, shuffle: bool = False, measure: bool = True) -> tuple[list[Module], list[LayerReport]]:
+            seed: int = 0, shuffle: bool = False, measure: bool = True,
+            params: dict | None = None) -> tuple[list[Module], list[LayerReport]]:
     """The merged modules and a report per target (see module docstring)."""
     if mode not in MODES:
         raise LoraToolsError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
@@ -241,7 +242,7 @@ def combine(groups: list[Group], mode: str = "concat", *, density: float = 1.0, 
                 error = 0.0
             else:
                 ups, downs = zip(*(_factors(t, total, symmetric=True) for t in group.terms))
-                ctx = MergeContext(density=density, sign_method=sign_method, seed=seed, name=name)
+                ctx = MergeContext(density=density, sign_method=sign_method, seed=seed, name=name, **(params or {}))
                 up, down = merge_factors(mode, list(ups), list(downs), weights, ctx)
                 error = _relative_error(up, down, ups, downs, weights) if measure else float("nan")
             if shuffle:

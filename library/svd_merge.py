@@ -27,7 +27,7 @@ from library.errors import LoraToolsError
 from library.exact_lowrank import lowrank_parts
 from library.lowrank import check_rank_settings, rank_cap
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_jobs
-from library.merge_methods import SIGN_METHODS, MergeContext, get_method, merge_tensors
+from library.merge_methods import SIGN_METHODS, MergeContext, check_context, get_method, merge_tensors
 from networks.base import Adapter
 
 __all__ = ["LayerJob", "LayerResult", "MergeSettings", "merge_layers", "merged_delta", "uses_factored_route"]
@@ -48,6 +48,9 @@ class MergeSettings:
     power_iters: int = 2
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    epsilon: float = 0.1  # della (library/merge_methods_sparse.py)
+    lambda_: float = 1.0  # della
+    gamma: float = 0.01  # breadcrumbs
 
     def __post_init__(self):
         self.mode = get_method(self.mode).name
@@ -56,9 +59,14 @@ class MergeSettings:
             raise LoraToolsError(f"--density must be in (0, 1], got {self.density}")
         if self.sign_method not in SIGN_METHODS:
             raise LoraToolsError(f"--majority_sign_method must be one of {', '.join(SIGN_METHODS)}")
+        check_context(get_method(self.mode), self.context(""))  # della/breadcrumbs: refused before any work
         if self.dtype not in (torch.float32, torch.float64):
             # QR/SVD have no half-precision kernels on CPU (and poor ones on CUDA): the maths stays fp32.
             self.dtype = torch.float32
+
+    def context(self, name: str) -> MergeContext:
+        return MergeContext(density=self.density, sign_method=self.sign_method, seed=self.seed, name=name,
+                            epsilon=self.epsilon, lambda_=self.lambda_, gamma=self.gamma)
 
     def engine(self) -> EngineSettings:
         return EngineSettings(oversample=self.oversample, power_iters=self.power_iters, seed=self.seed,
@@ -149,8 +157,7 @@ def merged_delta(job: LayerJob, settings: MergeSettings) -> torch.Tensor:
         else:
             deltas[slot], weights[slot] = delta, weight
             seen.add(slot)
-    ctx = MergeContext(density=settings.density, sign_method=settings.sign_method, seed=settings.seed, name=job.name)
-    return merge_tensors(settings.mode, deltas, weights, ctx)
+    return merge_tensors(settings.mode, deltas, weights, settings.context(job.name))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,6 +179,4 @@ def _merged_bias(job: LayerJob, settings: MergeSettings) -> torch.Tensor | None:
         else:
             biases[slot], weights[slot] = bias, weight
             seen.add(slot)
-    ctx = MergeContext(density=settings.density, sign_method=settings.sign_method, seed=settings.seed,
-                       name=job.name + "#bias")
-    return merge_tensors(settings.mode, biases, weights, ctx)
+    return merge_tensors(settings.mode, biases, weights, settings.context(job.name + "#bias"))
