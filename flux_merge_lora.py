@@ -15,10 +15,10 @@ from library.cli import (
     add_common_args,
     add_lora_merge_args,
     compute_dtype,
-    finite_float,
     positive_int,
     prepare_output,
     progress,
+    ratio_value,
     run_cli,
 )
 from library.console import warn
@@ -39,8 +39,8 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_l", default=None, help="CLIP-L checkpoint to merge the LoRAs' CLIP-L parts into")
     p.add_argument("--t5xxl", default=None, help="T5-XXL checkpoint to merge the LoRAs' T5 parts into")
     p.add_argument("--models", nargs="+", required=True, help="LoRA files, any format, mixed freely")
-    p.add_argument("--ratios", nargs="+", type=finite_float, default=None,
-                   help="strength per LoRA (default 1.0 each; nan/inf refused)")
+    p.add_argument("--ratios", nargs="+", type=ratio_value, default=None,
+                   help="strength per LoRA (default 1.0 each; nan/inf refused), or auto (inverse delta norms)")
     p.add_argument("--save_to", default=None, help="output: merged Flux checkpoint, or the merged LoRA")
     p.add_argument("--clip_l_save_to", default=None, help="output for the merged CLIP-L (needs --clip_l)")
     p.add_argument("--t5xxl_save_to", default=None, help="output for the merged T5-XXL (needs --t5xxl)")

@@ -40,6 +40,7 @@ from library.cli import (
     finite_float,
     prepare_output,
     progress,
+    ratio_value,
     resolve_device,
     run_cli,
 )
@@ -57,8 +58,8 @@ def setup_parser() -> argparse.ArgumentParser:
                              "without it the LoRAs are merged into one LoRA")
     parser.add_argument("--save_to", default=None, help="output .safetensors")
     parser.add_argument("--models", nargs="+", required=True, help="LoRA files (any format loratools reads)")
-    parser.add_argument("--ratios", nargs="*", type=finite_float, default=None,
-                        help="strength per model (negative allowed, nan/inf refused; default 1 each)")
+    parser.add_argument("--ratios", nargs="*", type=ratio_value, default=None,
+                        help="strength per model (negative allowed, nan/inf refused; default 1 each), or auto")
     parser.add_argument("--lbws", nargs="*", default=None,
                         help="block weights per model: a webui lora-block-weight string (17/26 values SD1/SD2, "
                              "12/20 SDXL, 61 Flux), a JSON list (sd-scripts) or a preset name (ALL, INS, IND, "

@@ -41,6 +41,11 @@ def finite_float(text: str) -> float:
     return value
 
 
+def ratio_value(text: str) -> float | str:
+    """A --ratios value: a finite number, or the word `auto` (inverse delta norms, library/auto_ratios.py)."""
+    return "auto" if text.strip().lower() == "auto" else finite_float(text)
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)
