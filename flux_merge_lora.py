@@ -15,15 +15,15 @@ from library.cli import (
     add_common_args,
     add_lora_merge_args,
     compute_dtype,
-    finite_float,
     positive_int,
     prepare_output,
     progress,
+    ratio_value,
     run_cli,
 )
 from library.console import warn
 from library.formats.specs import WRITE_FORMATS
-from library.methods import FACTOR, delta_aliases, names
+from library.methods import FACTOR, delta_aliases, method_params, names
 
 # Torch and the maths are imported inside the functions that do the work, so that --help stays fast.
 SCRIPT = "flux_merge_lora.py"
@@ -39,8 +39,8 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_l", default=None, help="CLIP-L checkpoint to merge the LoRAs' CLIP-L parts into")
     p.add_argument("--t5xxl", default=None, help="T5-XXL checkpoint to merge the LoRAs' T5 parts into")
     p.add_argument("--models", nargs="+", required=True, help="LoRA files, any format, mixed freely")
-    p.add_argument("--ratios", nargs="+", type=finite_float, default=None,
-                   help="strength per LoRA (default 1.0 each; nan/inf refused)")
+    p.add_argument("--ratios", nargs="+", type=ratio_value, default=None,
+                   help="strength per LoRA (default 1.0 each; nan/inf refused), or auto (inverse delta norms)")
     p.add_argument("--save_to", default=None, help="output: merged Flux checkpoint, or the merged LoRA")
     p.add_argument("--clip_l_save_to", default=None, help="output for the merged CLIP-L (needs --clip_l)")
     p.add_argument("--t5xxl_save_to", default=None, help="output for the merged T5-XXL (needs --t5xxl)")
@@ -95,7 +95,8 @@ def merge_into_lora(args, inputs: list, mode: str, device, save_to: str | None, 
     from library.lora_merge import MergeOptions, merge_and_write, plan_lora_merge
 
     save_to = prepare_output(save_to, args.models, args)
-    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle, args.new_rank, device)
+    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle, args.new_rank, device,
+                           method_params(args))
     plan = plan_lora_merge(inputs, mode, fmt, save_to, options)
     merged = merge_and_write(plan, describe=lambda m: print(m.component_line(plan, label), file=sys.stderr),
                              script=SCRIPT, args=args, save_precision=args.save_precision, dry_run=args.dry_run,

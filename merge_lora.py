@@ -40,12 +40,13 @@ from library.cli import (
     finite_float,
     prepare_output,
     progress,
+    ratio_value,
     resolve_device,
     run_cli,
 )
 from library.errors import LoraToolsError
 from library.formats.specs import WRITE_FORMATS
-from library.methods import FACTOR, mode_choices, recorded_seed
+from library.methods import FACTOR, method_params, mode_choices, recorded_seed
 
 # Torch and the maths are imported inside the functions that do the work, so that --help stays fast.
 
@@ -57,8 +58,8 @@ def setup_parser() -> argparse.ArgumentParser:
                              "without it the LoRAs are merged into one LoRA")
     parser.add_argument("--save_to", default=None, help="output .safetensors")
     parser.add_argument("--models", nargs="+", required=True, help="LoRA files (any format loratools reads)")
-    parser.add_argument("--ratios", nargs="*", type=finite_float, default=None,
-                        help="strength per model (negative allowed, nan/inf refused; default 1 each)")
+    parser.add_argument("--ratios", nargs="*", type=ratio_value, default=None,
+                        help="strength per model (negative allowed, nan/inf refused; default 1 each), or auto")
     parser.add_argument("--lbws", nargs="*", default=None,
                         help="block weights per model: a webui lora-block-weight string (17/26 values SD1/SD2, "
                              "12/20 SDXL, 61 Flux), a JSON list (sd-scripts) or a preset name (ALL, INS, IND, "
@@ -121,7 +122,7 @@ def merge_loras(args: argparse.Namespace, block_weights) -> dict:
     save_to = prepare_output(args.save_to, args.models, args)
     inputs = lora_inputs(args.models, args.ratios, block_weights, family=args.family,
                          allow_unmatched=args.allow_unmatched)
-    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle)
+    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle, params=method_params(args))
     plan = plan_lora_merge(inputs, "concat" if args.concat else args.mode, args.format, save_to, options)
     merged = merge_and_write(plan, describe=lambda m: print_lora_merge(plan, m, args.verbose), script="merge_lora.py",
                              args=args, save_precision=args.save_precision, dry_run=args.dry_run,

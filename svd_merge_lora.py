@@ -9,13 +9,11 @@ Replaces sd-scripts' svd_merge_lora.py (same flags) and ComfyUI Power-Merge's "P
 layers; LoCon 3×3 convs, Tucker, LoHa and LoKr. DoRA needs the base weight: use merge_lora.py --sd_model.
 
 Per layer, the merged delta M = method(ratioᵢ·ΔWᵢ) is reduced to the requested rank:
-- `add` over LoRA/LoCon inputs: exact SVD of Σ ratioᵢ·ΔWᵢ from the stacked factors (QR + small core SVD),
-  never forming M, batched over layers of equal shape — the optimal truncation, error known exactly.
-- `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` (PEFT's definitions; DARE rescales by 1/density,
-  masks seeded by (--seed, layer, input)), and LoHa/LoKr inputs: M formed one layer at a time, randomized
-  SVD (oversampling, power iterations); the relative error against M is measured and reported.
-No quantile clamp unless --clamp_quantile is given (sd-scripts' 0.99 clamp adds 9–19 % error per layer).
-Output alpha = rank (scale 1), so the product is exactly what the SVD kept.
+- `add` over LoRA/LoCon/LoHa/LoKr inputs (LoHa/LoKr by their exact factors): exact SVD of Σ ratioᵢ·ΔWᵢ from
+  the stacked factors (QR + small core SVD), never forming M — the optimal truncation, error known exactly.
+- `ties`, `dare_*`, `magnitude_prune`, `della`, `breadcrumbs` (masks seeded by (--seed, layer, input)):
+  M formed per layer, randomized SVD (oversampling, power iterations); the error against M is reported.
+No quantile clamp unless asked (--clamp_quantile); output alpha = rank. --ratios auto, --lbws LINES: README.
 """
 
 from __future__ import annotations
@@ -24,15 +22,15 @@ import argparse
 import sys
 
 # Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
-from library.cli import add_common_args, add_svd_merge_args, finite_float, prepare_output, progress, run_cli
+from library.cli import add_common_args, add_svd_merge_args, prepare_output, progress, ratio_value, run_cli
 from library.lowrank_rules import check_dynamic_flags, check_quantile
 
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, help="LoRA files (any format loratools reads)")
-    parser.add_argument("--ratios", nargs="*", type=finite_float, default=None,
-                        help="strength per model (negative allowed; default 1 each)")
+    parser.add_argument("--ratios", nargs="*", type=ratio_value, default=None,
+                        help="strength per model (negative allowed; default 1 each), or auto (inverse delta norms)")
     parser.add_argument("--save_to", default=None, help="output .safetensors")
     add_svd_merge_args(parser)
     parser.add_argument("--report", default=None, help="write per-layer figures and a summary to this JSON file")
@@ -50,7 +48,7 @@ def main(args: argparse.Namespace) -> dict:
     from library.svd_merge import merge_layers, uses_factored_route
     from library.svd_merge_io import jobs_from_groups, layer_lines, merge_settings, summary, summary_line, write_merged
 
-    ratios = ratios_for(args.ratios, args.models)  # a count that does not match --models: refused before any work
+    ratios_for(args.ratios, args.models)  # a count that does not match --models: refused before any work
     check_dynamic_flags(args.dynamic_method, args.dynamic_param)
     check_quantile(args.clamp_quantile)
     settings = merge_settings(args)
@@ -58,7 +56,7 @@ def main(args: argparse.Namespace) -> dict:
     block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,
                                              seed=args.seed, x=args.lbw_x)
     with refusing_nonfinite():  # an SVD of NaN/inf is undefined: refuse, naming the file and tensors
-        inputs = lora_inputs(args.models, ratios, block_weights, family=args.family,
+        inputs = lora_inputs(args.models, args.ratios, block_weights, family=args.family,
                              allow_unmatched=args.allow_unmatched)
     family, groups = group_targets(inputs)
     if not groups:
@@ -81,7 +79,7 @@ def main(args: argparse.Namespace) -> dict:
 
     modules = write_merged(save_to, groups, results, stats, inputs, family, fmt, mode=settings.mode, seed=args.seed,
                            randomized_svd=factored < len(jobs), save_precision=args.save_precision,
-                           report=args.report, report_extra={"models": args.models, "ratios": ratios,
+                           report=args.report, report_extra={"models": args.models, "ratios": [i.ratio for i in inputs],
                                                              "mode": settings.mode, "family": family, "format": fmt,
                                                              "save_to": save_to},
                            args=args, minimal=args.no_metadata, overwrite=args.overwrite)

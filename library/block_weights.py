@@ -20,12 +20,13 @@ Values are numbers, or the webui's specials: `R` (uniform in [0, 1]), `U` (unifo
 rounded to 3 decimals and drawn from `seed`; `X` (the value `x`), `X+0.2`, `X-0.1`. A string may be a
 comma list, a JSON list (sd-scripts' `--lbws` form) or a preset name: the webui's built-in presets, or
 the user's own from a toml file (`NAME = "1,0,…"` or a list, at top level or under `[presets]`) or a
-webui `lbwpresets.txt` (`NAME:1,0,…` per line).
+webui `lbwpresets.txt` (`NAME:1,0,…` per line). `LINES` / `LINES(α, β)` is LiNeS' depth scaling (below).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -63,9 +64,10 @@ class BlockWeights:
     values: Mapping[str, float]  # every block of the full layout (26, 20 or 61 names)
     constant: bool = False  # a preset with one value everywhere applies to any family
     random: bool = False  # drawn from the seed (R/U tokens): the output records the seed
+    lines: tuple[float, float] | None = None  # LiNeS (α, β): values from each block's depth, for any family
 
     def check_family(self, family: str, *, file: str | None = None) -> None:
-        if self.constant:
+        if self.constant or self.lines is not None:
             return
         if family not in LAYOUT_FAMILIES[self.length]:
             wanted = FAMILY_LAYOUTS.get(family)
@@ -78,6 +80,8 @@ class BlockWeights:
         """The multiplier of the module whose target is canonical weight `key` of `family`."""
         if self.constant:
             return next(iter(self.values.values()))
+        if self.lines is not None:
+            return lines_weight(family, key, *self.lines)
         self.check_family(family)
         block = webui_block(family, key)
         if block is None:
@@ -85,7 +89,49 @@ class BlockWeights:
         return self.values.get(block, 0.0)
 
     def describe(self) -> str:
+        if self.lines is not None:
+            return f"LiNeS alpha={self.lines[0]:g}, beta={self.lines[1]:g}"
         return ", ".join(f"{name}={value:g}" for name, value in self.values.items())
+
+
+# ---- LiNeS (Wang et al., ICLR 2025, "LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances
+# Model Merging"): the update of layer ℓ of L is scaled by λ(ℓ) = α + β·(ℓ − 1)/(L − 1), so shallow layers
+# stay near the base model and deep ones keep the task. Here the layers are the webui blocks of the family's
+# full layout in forward order, text encoders excluded (SD/SDXL: IN00 … M00 … OUT11; Flux: IN, D00 … D18,
+# S00 … S37, OUT); text-encoder blocks and weights outside every block keep strength 1.
+LINES_DEFAULT = (0.5, 0.5)  # first block at half strength, the last at full strength
+TEXT_ENCODER_BLOCKS = frozenset({"BASE", "CLIP", "T5"})
+_LINES = re.compile(r"^LINES(?:\(\s*([^,()]+)\s*,\s*([^,()]+)\s*\))?$", re.IGNORECASE)
+
+
+def depth_blocks(family: str) -> tuple[str, ...]:
+    """The family's denoiser blocks in forward order (LiNeS' layers ℓ = 1 … L)."""
+    return tuple(b for b in _LBW[family].full if b not in TEXT_ENCODER_BLOCKS)
+
+
+def lines_weight(family: str, key: str, alpha: float, beta: float) -> float:
+    """λ(ℓ) = α + β·(ℓ − 1)/(L − 1) of the block holding canonical weight `key`; 1 outside the denoiser's blocks."""
+    if family not in _LBW:
+        raise LoraToolsError(f"LiNeS block weights need a block layout; {family} has none")
+    block = webui_block(family, key)
+    order = depth_blocks(family)
+    if block is None or block not in order:
+        return 1.0
+    return alpha + beta * order.index(block) / (len(order) - 1)
+
+
+def _lines(text: str) -> BlockWeights | None:
+    """`LINES` (α = β = 0.5) or `LINES(α, β)` as a BlockWeights; None for any other string."""
+    m = _LINES.match(text.strip())
+    if m is None:
+        return None
+    try:
+        alpha, beta = (float(m[1]), float(m[2])) if m[1] is not None else LINES_DEFAULT
+    except ValueError:
+        raise LoraToolsError(f"block weights {text!r}: LINES takes two numbers, LINES(alpha, beta)") from None
+    if not all(map(math.isfinite, (alpha, beta))):
+        raise LoraToolsError(f"block weights {text!r}: alpha and beta must be finite")
+    return BlockWeights(text.strip(), 0, {}, lines=(alpha, beta))
 
 
 def _value(token: str, rng: random.Random, x: float, text: str) -> float:
@@ -119,6 +165,8 @@ def _tokens(text: str) -> list[str]:
 def parse_block_weights(text: str | Sequence[float], presets: Mapping[str, str] | None = None, *,
                         seed: int = 0, x: float = 1.0) -> BlockWeights:
     """Parse a block-weight string, JSON list, value list or preset name (user presets shadow built-ins)."""
+    if isinstance(text, str) and (lines := _lines(text)) is not None:
+        return lines
     label = text if isinstance(text, str) else json.dumps(list(text))
     source = text
     is_preset = False

@@ -41,6 +41,11 @@ def finite_float(text: str) -> float:
     return value
 
 
+def ratio_value(text: str) -> float | str:
+    """A --ratios value: a finite number, or the word `auto` (inverse delta norms, library/auto_ratios.py)."""
+    return "auto" if text.strip().lower() == "auto" else finite_float(text)
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)
@@ -146,6 +151,18 @@ def add_lora_merge_args(parser: argparse.ArgumentParser) -> None:
                         help="ties/dare_ties sign election (default total)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of DARE masks, --shuffle and R/U block weights (drawn per target)")
+    add_method_param_args(parser)
+
+
+def add_method_param_args(parser: argparse.ArgumentParser) -> None:
+    """Parameters of della and breadcrumbs (library/merge_methods_sparse.py), mergekit's names."""
+    group = parser.add_argument_group("della / breadcrumbs")
+    group.add_argument("--epsilon", type=finite_float, default=0.1,
+                       help="della: keep probabilities spread over [density − epsilon, density + epsilon] (default 0.1)")
+    group.add_argument("--lambda", dest="lambda_", type=finite_float, default=1.0,
+                       help="della: scale of the merged delta (default 1)")
+    group.add_argument("--gamma", type=finite_float, default=0.01,
+                       help="breadcrumbs: share of the largest magnitudes dropped per tensor (default 0.01)")
 
 
 def add_svd_merge_args(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +182,7 @@ def add_svd_merge_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--majority_sign_method", default="total", choices=SIGN_METHODS,
                         help="ties/dare_ties sign election (default total)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE masks and of the randomized SVD")
+    add_method_param_args(parser)  # della / breadcrumbs: --epsilon, --lambda, --gamma
     add_dynamic_rank_args(parser, "per-layer rank as resize_lora.py: sv_ratio, sv_fro or sv_cumulative (capped by "
                                "--new_rank / --new_conv_rank)")
     parser.add_argument("--clamp_quantile", type=finite_float, default=None,

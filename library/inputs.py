@@ -8,6 +8,7 @@ the one family of the other inputs. Grouping by target is library.lora_combine.g
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from library.errors import AmbiguousFamilyError, LoraToolsError
@@ -15,7 +16,12 @@ from library.merge_plan import LoraInput
 
 
 def ratios_for(ratios: Sequence[float] | None, models: Sequence[str]) -> list[float]:
-    """--ratios checked against --models; 1 each when not given."""
+    """--ratios checked against --models; 1 each when not given; `auto` (library.auto_ratios) once the files are
+    read (lora_inputs), until then 1 each."""
+    from library.auto_ratios import is_auto
+
+    if is_auto(ratios):
+        return [1.0] * len(models)
     if ratios is not None and len(ratios) != len(models):
         raise LoraToolsError(f"--ratios has {len(ratios)} values but {len(models)} models were given")
     return [float(r) for r in ratios] if ratios is not None else [1.0] * len(models)
@@ -53,11 +59,17 @@ def lora_inputs(paths: Sequence[str], ratios: Sequence[float] | None, block_weig
                 family: str | None = None, allow_unmatched: bool = False, family_from: str = "--family",
                 reader: Callable[[str], object] | None = None) -> list[LoraInput]:
     """One LoraInput per file: the LoRA (read by `reader`, default read_loras' family rule), its ratio
-    (default 1) and its block weights (None each when not given)."""
+    (default 1; `["auto"]`: library.auto_ratios, printed) and its block weights (None each when not given)."""
     strengths = ratios_for(ratios, paths)
     weights = list(block_weights) if block_weights is not None else [None] * len(paths)
     if reader is not None:
         loras = [reader(p) for p in paths]
     else:
         loras = read_loras(paths, family, allow_unmatched, family_from=family_from)
+    from library.auto_ratios import auto_ratios, is_auto  # imports torch: only once files are read
+
+    if is_auto(ratios):
+        strengths = auto_ratios(loras, paths)
+        print("--ratios auto (mean norm / each file's delta norm): "
+              + ", ".join(f"{os.path.basename(p)} {r:.4g}" for p, r in zip(paths, strengths)))
     return [LoraInput(p, lora, r, bw) for p, lora, r, bw in zip(paths, loras, strengths, weights, strict=True)]

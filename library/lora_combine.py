@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from library.errors import LoraToolsError
+from library.exact_lowrank import exact_rank, fits_as_factors
 from library.formats.types import Module, Target
 from library.lowrank import lowrank_fro_norm_sq, stack_factors
 from library.merge_methods import MergeContext, generator_for, merge_factors
@@ -158,24 +159,17 @@ def _lora_tensors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...],
             "alpha": torch.tensor(float(rank) if alpha is None else alpha, dtype=torch.float32)}
 
 
-def exact_rank(adapter: Adapter) -> int | None:
-    """Rank of the adapter's exact low-rank form: a LoRA's rank, r₁·r₂ for LoHa/LoKr, None for a full diff."""
-    if adapter.kind == "lora":
-        return adapter.rank
-    return adapter.exact_rank if hasattr(adapter, "exact_factors") else None
-
-
 def concat_rank(group: Group) -> int | None:
     """Rank of the exact concat of `group`, or None when it is written as a dense diff: a full diff among the
-    terms, or LoHa/LoKr terms whose stacked factors would be larger than the dense weight itself."""
+    terms, or LoHa/LoKr terms whose stacked factors would be larger than the dense weight itself
+    (library.exact_lowrank.fits_as_factors, the rule the PEFT writer uses too)."""
     ranks = [exact_rank(t.adapter) for t in group.terms]
     if any(r is None for r in ranks):
         return None
     rank, shape = sum(ranks), group.target.shape
     if all(t.adapter.kind == "lora" for t in group.terms):
         return rank  # plain LoRAs are always stacked (kohya's concat), whatever the size
-    cols = math.prod(shape[1:])
-    return rank if rank * (shape[0] + cols) < shape[0] * cols else None
+    return rank if fits_as_factors(rank, shape) else None
 
 
 def concat_elements(group: Group) -> int:
@@ -220,7 +214,8 @@ def _shuffled(up: torch.Tensor, down: torch.Tensor, seed: int, name: str) -> tup
 
 
 def combine(groups: list[Group], mode: str = "concat", *, density: float = 1.0, sign_method: str = "total",
-            seed: int = 0, shuffle: bool = False, measure: bool = True) -> tuple[list[Module], list[LayerReport]]:
+            seed: int = 0, shuffle: bool = False, measure: bool = True,
+            params: dict | None = None) -> tuple[list[Module], list[LayerReport]]:
     """The merged modules and a report per target (see module docstring)."""
     if mode not in MODES:
         raise LoraToolsError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
@@ -247,7 +242,7 @@ def combine(groups: list[Group], mode: str = "concat", *, density: float = 1.0, 
                 error = 0.0
             else:
                 ups, downs = zip(*(_factors(t, total, symmetric=True) for t in group.terms))
-                ctx = MergeContext(density=density, sign_method=sign_method, seed=seed, name=name)
+                ctx = MergeContext(density=density, sign_method=sign_method, seed=seed, name=name, **(params or {}))
                 up, down = merge_factors(mode, list(ups), list(downs), weights, ctx)
                 error = _relative_error(up, down, ups, downs, weights) if measure else float("nan")
             if shuffle:

@@ -30,6 +30,7 @@ class MergeOptions:
     shuffle: bool = False
     new_rank: int | None = None  # delta-space modes only
     device: object = None
+    params: dict = field(default_factory=dict)  # della / breadcrumbs parameters (methods.method_params)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def run_lora_merge(plan: LoraMergePlan) -> MergedLora:
     if plan.space == DELTA:
         return _delta_merge(plan)
     modules, reports = combine(plan.groups, plan.mode, density=opts.density, sign_method=opts.sign_method,
-                               seed=opts.seed, shuffle=opts.shuffle)
+                               seed=opts.seed, shuffle=opts.shuffle, params=opts.params)
     if plan.mode == "concat":
         return MergedLora(modules, reports)
     errors = [r.relative_error for r in reports if r.kind == "lora"]
@@ -145,7 +146,7 @@ def _delta_merge(plan: LoraMergePlan) -> MergedLora:
     opts = plan.options
     name = method(plan.mode).name
     settings = MergeSettings(mode=name, new_rank=opts.new_rank, density=opts.density, sign_method=opts.sign_method,
-                             seed=opts.seed, device=opts.device)
+                             seed=opts.seed, device=opts.device, **opts.params)
     results = merge_layers(jobs_from_groups(plan.groups, len(plan.inputs)), settings)
     st = summary(results)
     line = (f"relative error vs the exact merged delta: mean {st['relative_error_mean']:.3g}, "

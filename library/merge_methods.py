@@ -22,6 +22,7 @@ approximation with cross terms, kept for compatibility.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ import torch
 
 from library import methods
 from library.errors import LoraToolsError
+from library.merge_methods_sparse import check_sparse_params, merge_breadcrumbs, merge_della
 from library.methods import SIGN_METHODS
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,6 +99,9 @@ class MergeContext:
     name: str = ""
     masks: Sequence[torch.Tensor] | None = field(default=None, repr=False)
     rescale: bool = True  # DARE's 1/density on the kept entries (merge_models.py --no_rescale: DareMerge's default)
+    epsilon: float = 0.1  # della: half-width of the keep probabilities around density
+    lambda_: float = 1.0  # della: scale of the merged delta
+    gamma: float = 0.01  # breadcrumbs: share of the largest magnitudes dropped (mergekit's default)
 
 
 def _weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -148,6 +153,7 @@ MergeFn = Callable[[Sequence[torch.Tensor], Sequence[float], MergeContext], torc
 
 FUNCTIONS: dict[str, MergeFn] = {"add": merge_add, "ties": merge_ties, "dare_linear": merge_dare_linear,
                                  "dare_ties": merge_dare_ties, "magnitude_prune": merge_magnitude_prune}
+FUNCTIONS.update(della=merge_della, breadcrumbs=merge_breadcrumbs)  # library/merge_methods_sparse.py
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,7 @@ def check_context(method: MergeMethod, ctx: MergeContext) -> None:
         raise LoraToolsError(f"--density must be in [0, 1], got {ctx.density}")
     if "sign_method" in method.params and ctx.sign_method not in SIGN_METHODS:
         raise LoraToolsError(f"majority sign method must be one of {', '.join(SIGN_METHODS)}, not {ctx.sign_method!r}")
+    check_sparse_params(method.name, ctx)
 
 
 def merge_tensors(method: str, tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -230,6 +237,8 @@ def merge_factors(method: str, ups: Sequence[torch.Tensor], downs: Sequence[torc
         raise LoraToolsError(f"factor-space merging needs equal ranks, got {sorted(ranks)}; use svd_merge_lora.py",
                              key=ctx.name or None)
     up_w, down_w = factor_weights(weights)
-    up_ctx = MergeContext(ctx.density, ctx.sign_method, ctx.seed, f"{ctx.name}.lora_up")
-    down_ctx = MergeContext(ctx.density, ctx.sign_method, ctx.seed, f"{ctx.name}.lora_down")
+    # Every parameter carries over; a scale of the merged result (della's λ > 0) goes √λ on each side.
+    side = dict(lambda_=ctx.lambda_ ** 0.5) if ctx.lambda_ > 0 else {}
+    up_ctx = dataclasses.replace(ctx, name=f"{ctx.name}.lora_up", **side)
+    down_ctx = dataclasses.replace(ctx, name=f"{ctx.name}.lora_down", **side)
     return merge_tensors(method, ups, up_w, up_ctx), merge_tensors(method, downs, down_w, down_ctx)

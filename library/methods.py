@@ -49,9 +49,25 @@ METHODS: tuple[Method, ...] = (
     Method("weighted_sum", (MODEL,), False, (), "Σ rᵢ·Mᵢ (sd-scripts' merge_models)"),
     Method("add_difference", (MODEL,), False, (), "A + r·(B − base): task arithmetic with A's ratio 1"),
     Method("slerp", (MODEL,), False, (), "spherical interpolation of two models, t = r_B / (r_A + r_B)"),
+    Method("della", (FACTOR, DELTA), True, ("density", "epsilon", "lambda_", "sign_method", "seed"),
+           "magnitude-ranked keep probabilities density±epsilon per row, rescale by 1/p, elected sign, "
+           "mean of agreeing entries, × lambda", ("della_svd",)),
+    Method("breadcrumbs", (FACTOR, DELTA), False, ("density", "gamma"),
+           "drop the top-gamma magnitudes and all below the next density share, weighted sum",
+           ("breadcrumbs_svd",), ("model_breadcrumbs",)),
 )
 BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 _ALL_NAMES: dict[str, Method] = {label: m for m in METHODS for label in (m.name, *m.delta_aliases, *m.aliases)}
+
+
+# Flags of method parameters beyond --density / --majority_sign_method / --seed, by MergeContext field
+# (library.cli.add_method_param_args declares them; `method_params` reads them back).
+PARAM_FLAGS = {"epsilon": "--epsilon", "lambda_": "--lambda", "gamma": "--gamma"}
+
+
+def method_params(args) -> dict:
+    """The method-parameter flags a script declared, as MergeContext fields ({} when it declared none)."""
+    return {field: getattr(args, field) for field in PARAM_FLAGS if getattr(args, field, None) is not None}
 
 
 def names(space: str) -> tuple[str, ...]:

@@ -4,9 +4,11 @@ Each module becomes one job of the low-rank engine (library/lowrank_engine.py):
 - LoRA / LoCon / Tucker: the exact factored SVD of (α/r)·up@down (QR of up and downᵀ, SVD of the r×r core),
   batched over layers of equal (out, in·k·k, r). The dense delta is never formed, every singular value is
   exact, so the dynamic rules and the retained-energy figures are exact too.
-- LoHa / LoKr / full diff: their delta is formed per layer and factored by a seeded randomized SVD; the
-  figures are measured against the exact norm of that delta (sv_cumulative needs Σσ, so it uses the exact
-  thin SVD for these layers). The output is a plain LoRA.
+- LoHa / LoKr: through their exact low-rank factors (rank r₁·r₂, networks' `exact_factors`) on the same
+  factored route, while that is cheaper than the dense one (library.exact_lowrank decides, by measured cost).
+- Full diff, and LoHa / LoKr of too large an exact rank: their delta is formed per layer and factored by a
+  seeded randomized SVD; the figures are measured against the exact norm of that delta (sv_cumulative needs
+  Σσ, so it uses the exact thin SVD for these layers). The output is a plain LoRA.
 - DoRA: the change it makes depends on the base weight; with `base_weight` given, the module's full effect
   W_dora − W is factored like a dense delta (plain LoRA out), otherwise the module is refused.
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from library.errors import LoraToolsError
+from library.exact_lowrank import exact_rank, lowrank_parts
 from library.lowrank import check_rank_settings, is_conv_kernel, rank_cap
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_jobs, summarize
 from networks.base import Adapter
@@ -68,8 +71,15 @@ def is_removed(job: ResizeJob, settings: ResizeSettings) -> bool:
     return (settings.remove_conv and conv) or (settings.remove_linear and not conv)
 
 
-def uses_factored_route(job: ResizeJob) -> bool:
-    return job.adapter.kind == "lora" and job.adapter.dora is None
+def factored_part(job: ResizeJob, settings: ResizeSettings) -> object | None:
+    """The engine part of a LoRA/LoCon/Tucker module, or a LoHa/LoKr's exact factors when that is the cheaper
+    route (library.exact_lowrank decides); None for the dense route."""
+    parts = lowrank_parts([job.adapter], tuple(job.shape), rank_cap(job.shape, settings))
+    return None if parts is None else parts[0]
+
+
+def uses_factored_route(job: ResizeJob, settings: ResizeSettings) -> bool:
+    return factored_part(job, settings) is not None
 
 
 def resize_layers(jobs: Sequence[ResizeJob], settings: ResizeSettings,
@@ -99,11 +109,16 @@ def engine_job(job: ResizeJob, settings: ResizeSettings) -> LowRankJob:
     adapter = job.adapter
     common = dict(name=job.name, shape=tuple(job.shape), max_rank=rank_cap(job.shape, settings),
                   method=settings.dynamic_method, param=settings.dynamic_param, rank_in=adapter.rank)
-    if uses_factored_route(job):
+    part = factored_part(job, settings)
+    if part is not None and adapter.kind == "lora":
         # factors() folds the scale into up (up@down = ΔW); the output keeps alpha/rank (sd-scripts' rule).
         return LowRankJob(parts=[(adapter, 1.0)], input_rank=adapter.rank, scale=output_scale(adapter.scale),
                           **common)
-    # Converted types get scale 1 (alpha = k); their delta is formed only when the engine reaches the job.
+    # Converted types (LoHa/LoKr, full diff, DoRA) get scale 1 (alpha = k). LoHa/LoKr go factored through their
+    # exact factors (rank r₁·r₂, also the cap of the new rank) when that pays; else their delta is formed
+    # only when the engine reaches the job.
+    if part is not None:
+        return LowRankJob(parts=[(part, 1.0)], input_rank=part.rank, **common)
     return LowRankJob(dense=lambda: dense_delta(job, settings.device), input_rank=dense_input_rank(adapter), **common)
 
 
@@ -126,7 +141,7 @@ def dense_delta(job: ResizeJob, device: torch.device) -> torch.Tensor:
 
 
 def dense_input_rank(adapter: Adapter) -> int | None:
-    """An upper bound on the rank of a non-LoRA delta: LoHa's Hadamard product of two rank-r terms has rank ≤ r²."""
-    if adapter.kind == "loha" and getattr(adapter, "t1", None) is None:
-        return int(adapter.rank) ** 2
-    return None
+    """An upper bound on the rank of a non-LoRA delta: that of its exact low-rank form (LoHa/LoKr: r₁·r₂)."""
+    if adapter.dora is not None or adapter.kind == "lora":
+        return None
+    return exact_rank(adapter)

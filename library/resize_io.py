@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from library.errors import LoraToolsError
+from library.exact_lowrank import exact_rank
 from library.lowrank import rank_cap
 from library.resize import ResizeJob, ResizeSettings, is_removed
 from library.safetensors_io import open_checkpoint
@@ -53,10 +54,11 @@ def kept_as_they_are(jobs: Sequence[ResizeJob], settings: ResizeSettings) -> str
     if settings.dynamic_method is not None:
         return None  # a dynamic rule may still lower them: the cap is only a cap
     kept = [job for job in jobs if not is_removed(job, settings)]
-    low = [job for job in kept if job.adapter.rank and job.adapter.rank <= rank_cap(job.shape, settings)]
+    # The rank of the delta (LoHa/LoKr: r₁·r₂ of their exact form), not the stored factors' dim.
+    low = [job for job in kept if exact_rank(job.adapter) and exact_rank(job.adapter) <= rank_cap(job.shape, settings)]
     if not low:
         return None
-    ranks = sorted({int(job.adapter.rank) for job in low})
+    ranks = sorted({int(exact_rank(job.adapter)) for job in low})
     target = f"--new_rank {settings.new_rank}" + (f" / --new_conv_rank {settings.new_conv_rank}"
                                                   if settings.new_conv_rank is not None else "")
     return (f"{target}: {len(low)} of {len(kept)} layers have rank {', '.join(map(str, ranks))}; ranks already at or "

@@ -3,14 +3,15 @@
 Each target layer is a `LayerJob`: its weight shape and the adapters on it with their weights
 (ratio × block weight). Two routes:
 
-- factored: mode `add` with only plain LoRA/LoCon/Tucker inputs. Σ wᵢ·upᵢ@downᵢ is stacked and its exact
-  thin SVD taken from QRs of the stacked factors and an SVD of the small R×R core (lowrank.factored_svd),
-  batched over layers of equal (out, in, R). The out×in delta is never formed, the truncation is the
-  Eckart–Young optimum, and the error of the result is exact (from the spectrum, or from the Gram matrices
-  when a clamp changed the factors).
-- dense: the element-wise modes (ties, dare_*, magnitude_prune are defined on the dense deltas) and any
-  LoHa/LoKr/full-diff input (their deltas are not low-rank products). One layer at a time: the merged
-  delta M is formed, a seeded randomized SVD (oversampling + power iterations) gives the factors, and the
+- factored: mode `add` with plain LoRA/LoCon/Tucker inputs, and LoHa/LoKr ones through their exact
+  low-rank factors (rank r₁·r₂) while that is cheaper than the dense route (library.exact_lowrank).
+  Σ wᵢ·upᵢ@downᵢ is stacked and its exact thin SVD taken from QRs of the stacked factors and an SVD of
+  the small R×R core (lowrank.factored_svd), batched over layers of equal (out, in, R). The out×in delta
+  is never formed, the truncation is the Eckart–Young optimum, and the error of the result is exact (from
+  the spectrum, or from the Gram matrices when a clamp changed the factors).
+- dense: the element-wise modes (ties, dare_*, magnitude_prune are defined on the dense deltas), full-diff
+  inputs, and LoHa/LoKr whose exact rank is too large for the factored route to pay. One layer at a time:
+  the merged delta M is formed, a seeded randomized SVD (oversampling + power iterations) gives the factors, and the
   error is measured directly against M.
 """
 
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from library.errors import LoraToolsError
+from library.exact_lowrank import lowrank_parts
 from library.lowrank import check_rank_settings, rank_cap
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_jobs
-from library.merge_methods import SIGN_METHODS, MergeContext, get_method, merge_tensors
+from library.merge_methods import SIGN_METHODS, MergeContext, check_context, get_method, merge_tensors
 from networks.base import Adapter
 
 __all__ = ["LayerJob", "LayerResult", "MergeSettings", "merge_layers", "merged_delta", "uses_factored_route"]
@@ -46,6 +48,9 @@ class MergeSettings:
     power_iters: int = 2
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    epsilon: float = 0.1  # della (library/merge_methods_sparse.py)
+    lambda_: float = 1.0  # della
+    gamma: float = 0.01  # breadcrumbs
 
     def __post_init__(self):
         self.mode = get_method(self.mode).name
@@ -54,9 +59,14 @@ class MergeSettings:
             raise LoraToolsError(f"--density must be in (0, 1], got {self.density}")
         if self.sign_method not in SIGN_METHODS:
             raise LoraToolsError(f"--majority_sign_method must be one of {', '.join(SIGN_METHODS)}")
+        check_context(get_method(self.mode), self.context(""))  # della/breadcrumbs: refused before any work
         if self.dtype not in (torch.float32, torch.float64):
             # QR/SVD have no half-precision kernels on CPU (and poor ones on CUDA): the maths stays fp32.
             self.dtype = torch.float32
+
+    def context(self, name: str) -> MergeContext:
+        return MergeContext(density=self.density, sign_method=self.sign_method, seed=self.seed, name=name,
+                            epsilon=self.epsilon, lambda_=self.lambda_, gamma=self.gamma)
 
     def engine(self) -> EngineSettings:
         return EngineSettings(oversample=self.oversample, power_iters=self.power_iters, seed=self.seed,
@@ -82,7 +92,15 @@ class LayerJob:
 
 
 def uses_factored_route(job: LayerJob, settings: MergeSettings) -> bool:
-    return settings.mode == "add" and all(a.kind == "lora" and a.dora is None for _, a, _ in job.parts)
+    return _factored_parts(job, settings) is not None
+
+
+def _factored_parts(job: LayerJob, settings: MergeSettings) -> list | None:
+    """The engine parts of `add` over LoRA inputs, and over LoHa/LoKr ones through their exact factors when
+    that is the cheaper route (library.exact_lowrank decides); None for the dense route."""
+    if settings.mode != "add":
+        return None
+    return lowrank_parts([a for _, a, _ in job.parts], tuple(job.shape), rank_cap(job.shape, settings))
 
 
 def check_job(job: LayerJob) -> None:
@@ -118,8 +136,9 @@ def engine_job(job: LayerJob, settings: MergeSettings) -> LowRankJob:
     common = dict(name=job.name, shape=tuple(job.shape), max_rank=rank_cap(job.shape, settings),
                   method=settings.dynamic_method, param=settings.dynamic_param,
                   rank_in=sum(int(a.rank or 0) for _, a, _ in job.parts))
-    if uses_factored_route(job, settings):
-        return LowRankJob(parts=[(adapter, weight) for _, adapter, weight in job.parts], **common)
+    parts = _factored_parts(job, settings)
+    if parts is not None:
+        return LowRankJob(parts=[(part, weight) for part, (_, _, weight) in zip(parts, job.parts)], **common)
     # Each sketch has its own seed name so that it never shares a stream with the DARE masks of the layer.
     return LowRankJob(dense=lambda: merged_delta(job, settings), seed_name=job.name + "#rsvd", **common)
 
@@ -138,8 +157,7 @@ def merged_delta(job: LayerJob, settings: MergeSettings) -> torch.Tensor:
         else:
             deltas[slot], weights[slot] = delta, weight
             seen.add(slot)
-    ctx = MergeContext(density=settings.density, sign_method=settings.sign_method, seed=settings.seed, name=job.name)
-    return merge_tensors(settings.mode, deltas, weights, ctx)
+    return merge_tensors(settings.mode, deltas, weights, settings.context(job.name))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,6 +179,4 @@ def _merged_bias(job: LayerJob, settings: MergeSettings) -> torch.Tensor | None:
         else:
             biases[slot], weights[slot] = bias, weight
             seen.add(slot)
-    ctx = MergeContext(density=settings.density, sign_method=settings.sign_method, seed=settings.seed,
-                       name=job.name + "#bias")
-    return merge_tensors(settings.mode, biases, weights, ctx)
+    return merge_tensors(settings.mode, biases, weights, settings.context(job.name + "#bias"))

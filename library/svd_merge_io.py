@@ -62,6 +62,7 @@ class PlacedAdapter:
 def merge_settings(args) -> MergeSettings:
     """MergeSettings from the flags of cli.add_svd_merge_args (svd_merge_lora.py, merge_grid.py)."""
     from library.cli import compute_dtype, resolve_device, warn
+    from library.methods import method_params
 
     dtype = compute_dtype(args)
     if dtype not in (torch.float32, torch.float64):
@@ -70,7 +71,7 @@ def merge_settings(args) -> MergeSettings:
                          dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param, density=args.density,
                          sign_method=args.majority_sign_method, seed=args.seed, clamp_quantile=args.clamp_quantile,
                          oversample=args.svd_oversample, power_iters=args.svd_power_iters,
-                         device=resolve_device(args.device), dtype=dtype)
+                         device=resolve_device(args.device), dtype=dtype, **method_params(args))
 
 
 def jobs_from_groups(groups: list[Group], n_inputs: int) -> list[LayerJob]:

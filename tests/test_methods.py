@@ -27,13 +27,14 @@ def test_every_script_takes_its_modes_from_the_registry():
     import svd_merge_lora
 
     assert tuple(choices_of(merge_lora.setup_parser())) == (
-        "concat", "add", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+        "concat", "add", "ties", "dare_linear", "dare_ties", "magnitude_prune", "della", "breadcrumbs")
     assert tuple(choices_of(svd_merge_lora.setup_parser())) == tuple(sorted(
-        ["add", "ties", "dare_linear", "dare_ties", "magnitude_prune", "svd", "add_svd", "ties_svd",
-         "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"]))
+        ["add", "ties", "dare_linear", "dare_ties", "magnitude_prune", "della", "breadcrumbs", "svd", "add_svd",
+         "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd", "della_svd", "breadcrumbs_svd"]))
     assert tuple(choices_of(flux_merge_lora.setup_parser())) == (
-        "concat", "add", "ties", "dare_linear", "dare_ties", "magnitude_prune",
-        "svd", "add_svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+        "concat", "add", "ties", "dare_linear", "dare_ties", "magnitude_prune", "della", "breadcrumbs",
+        "svd", "add_svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd", "della_svd",
+        "breadcrumbs_svd")
     for parser in (merge_lora.setup_parser(), svd_merge_lora.setup_parser(), flux_merge_lora.setup_parser()):
         assert tuple(choices_of(parser, "--majority_sign_method")) == ("total", "frequency")
 
@@ -42,7 +43,7 @@ def test_spaces_aliases_and_randomness():
     assert methods.method("concat").spaces == ("factor",)
     assert methods.method("ties_svd") is methods.method("ties")
     assert methods.method("svd").name == "add" and methods.method("task_arithmetic").name == "add"
-    assert [m.name for m in methods.METHODS if m.random] == ["dare_linear", "dare_ties"]
+    assert [m.name for m in methods.METHODS if m.random] == ["dare_linear", "dare_ties", "della"]
     assert methods.space_of("dare_ties_svd") == "delta" and methods.space_of("dare_ties") == "factor"
     with pytest.raises(LoraToolsError, match="unknown merge mode 'bogus'"):
         methods.method("bogus")

@@ -363,7 +363,7 @@ def test_script_real_lokr_file(tmp_path):
     save_tensors(str(src), subset, meta)
     result = run_script(["--model", str(src), "--save_to", str(dst), "--new_rank", "8", "--device", "cpu", "--family", "sd1"])
     assert result["summary"]["layers"] == 3 and all(r["rank_out"] == 8 for r in result["layers"])
-    assert {r["route"] for r in result["layers"]} == {"dense/randomized"}
+    assert {r["route"] for r in result["layers"]} == {"factored"}  # exact rank-16 factors (library.exact_lowrank)
     out, out_meta = load_tensors(str(dst))
     assert out_meta["ss_network_dim"] == "8" and any(k.endswith("lora_up.weight") for k in out)
     # Each layer: the written LoRA is within 2% of the optimal rank-8 error of the real LoKr delta.

@@ -120,7 +120,7 @@ def test_loha_input_and_reported_error(tmp_path):
     tensors, _ = load_tensors(out)
     with open(report) as f:
         layers = json.load(f)["layers"]
-    assert all(entry["route"].startswith("dense") for entry in layers)
+    assert all(entry["route"] == "factored" for entry in layers)  # LoHa's exact rank-16 factors
     for m in names:
         p = {k.split(".", 1)[1]: v.double() for k, v in loha.items() if k.startswith(m.name + ".")}
         loha64 = (2.0 / 4) * (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
@@ -129,7 +129,7 @@ def test_loha_input_and_reported_error(tmp_path):
         S = torch.linalg.svdvals(exact)
         optimal = float(S[12:].square().sum().sqrt() / S.square().sum().sqrt())
         err = rel(got, exact)
-        assert err <= optimal * 1.01 + 1e-6  # randomized SVD within 1 % of Eckart–Young
+        assert err <= optimal * (1 + 1e-4) + 1e-6  # Eckart–Young
         projection = m.name.rsplit("_", 1)[1]  # q or k
         canonical = f"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_{projection}.weight"
         entry = next(e for e in layers if e["target"] == canonical)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from library.errors import LoraToolsError
+from library.exact_lowrank import fits_as_factors
 from library.formats.family import Slot, WriteSpec
 from library.formats.peft_alpha import KEY as PEFT_METADATA_KEY
 from library.formats.peft_alpha import adapter_metadata
@@ -95,7 +96,7 @@ def _as_lora(module: Module, fam, fmt: str, notes: list[str] | None) -> Module:
     rows, cols = shape[0], math.prod(shape[1:])
     rank = adapter.exact_rank
     label = {"loha": "LoHa", "lokr": "LoKr"}[kind]
-    if rank * (rows + cols) > rows * cols:
+    if not fits_as_factors(rank, shape):
         holders = [f for f, specs in fam.write.items() if module.target.component in specs
                    and not specs[module.target.component].peft]
         raise LoraToolsError(f"{fmt} (PEFT) has no {label}, and this module's exact LoRA form would need rank {rank} "
