@@ -5,8 +5,8 @@
 
 Replaces sd-scripts' svd_merge_lora.py (same flags) and ComfyUI Power-Merge's "PM Merge LoRA SVD" node
 (`--mode add_svd|ties_svd|dare_linear_svd|dare_ties_svd|magnitude_prune_svd`, `--density`, `--svd_rank`,
-`--svd_conv_rank`). Inputs: any format and family loratools reads, of different ranks, covering different
-layers; LoCon 3×3 convs, Tucker, LoHa and LoKr. DoRA needs the base weight: use merge_lora.py --sd_model.
+`--svd_conv_rank`). Inputs: any format and family loratools reads, of any ranks and layers (LoCon, Tucker,
+LoHa, LoKr; DoRA needs the base weight: use merge_lora.py --sd_model).
 
 Per layer, the merged delta M = method(ratioᵢ·ΔWᵢ) is reduced to the requested rank:
 - `add` over LoRA/LoCon inputs: exact SVD of Σ ratioᵢ·ΔWᵢ from the stacked factors (QR + small core SVD),
@@ -14,9 +14,8 @@ Per layer, the merged delta M = method(ratioᵢ·ΔWᵢ) is reduced to the reque
 - `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` (PEFT's definitions; DARE rescales by 1/density,
   masks seeded by (--seed, layer, input)), and LoHa/LoKr inputs: M formed one layer at a time, randomized
   SVD (oversampling, power iterations); the relative error against M is measured and reported.
-No quantile clamp unless --clamp_quantile is given (sd-scripts' 0.99 clamp adds 9–19 % error per layer).
-Output alpha = rank (scale 1), so the product is exactly what the SVD kept.
-"""
+- `tsv`, `iso_c`, `iso_cts`, `knots`, `np_lora` (singular-space methods): on the Σr×Σr core, never forming M.
+No quantile clamp unless --clamp_quantile is given. Output alpha = rank (scale 1)."""
 
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ import sys
 from library.cli import (
     add_common_args,
     add_dynamic_rank_args,
+    add_singular_args,
     finite_float,
     nonnegative_int,
     positive_int,
@@ -36,7 +36,7 @@ from library.cli import (
 )
 from library.formats.specs import FORMATS
 from library.lowrank_rules import check_dynamic_flags, check_quantile
-from library.methods import DELTA, SIGN_METHODS, mode_choices
+from library.methods import DELTA, SIGN_METHODS, SingularParams, mode_choices
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -76,6 +76,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow_unmatched", action="store_true", help="skip input keys that map to no layer")
     parser.add_argument("--report", default=None, help="write per-layer figures and a summary to this JSON file")
     parser.add_argument("--no_metadata", action="store_true", help="write only the metadata a loader needs")
+    add_singular_args(parser)
     add_common_args(parser)
     return parser
 
@@ -93,7 +94,7 @@ def settings_from(args: argparse.Namespace):
                          dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param, density=args.density,
                          sign_method=args.majority_sign_method, seed=args.seed, clamp_quantile=args.clamp_quantile,
                          oversample=args.svd_oversample, power_iters=args.svd_power_iters,
-                         device=resolve_device(args.device), dtype=dtype)
+                         device=resolve_device(args.device), dtype=dtype, singular=SingularParams.from_args(args))
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -30,6 +30,15 @@ class MergeOptions:
     shuffle: bool = False
     new_rank: int | None = None  # delta-space modes only
     device: object = None
+    singular: object = None  # methods.SingularParams of the singular-space modes (None = defaults)
+
+    @classmethod
+    def from_args(cls, args, device) -> MergeOptions:
+        """flux_merge_lora.py's flags (add_lora_merge_args, --new_rank, add_singular_args)."""
+        from library.methods import SingularParams
+
+        return cls(args.density, args.majority_sign_method, args.seed, args.shuffle, args.new_rank, device,
+                   SingularParams.from_args(args))
 
 
 @dataclass
@@ -145,7 +154,7 @@ def _delta_merge(plan: LoraMergePlan) -> MergedLora:
     opts = plan.options
     name = method(plan.mode).name
     settings = MergeSettings(mode=name, new_rank=opts.new_rank, density=opts.density, sign_method=opts.sign_method,
-                             seed=opts.seed, device=opts.device)
+                             seed=opts.seed, device=opts.device, **({"singular": opts.singular} if opts.singular else {}))
     results = merge_layers(jobs_from_groups(plan.groups, len(plan.inputs)), settings)
     st = summary(results)
     line = (f"relative error vs the exact merged delta: mean {st['relative_error_mean']:.3g}, "

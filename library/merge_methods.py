@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from library import methods
+from library import methods, singular_methods
 from library.errors import LoraToolsError
 from library.methods import SIGN_METHODS
 
@@ -96,6 +96,7 @@ class MergeContext:
     seed: int = 0
     name: str = ""
     masks: Sequence[torch.Tensor] | None = field(default=None, repr=False)
+    singular: methods.SingularParams | None = None  # tsv / iso_c / iso_cts / knots / np_lora (None = defaults)
 
 
 def _weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -146,6 +147,7 @@ MergeFn = Callable[[Sequence[torch.Tensor], Sequence[float], MergeContext], torc
 
 FUNCTIONS: dict[str, MergeFn] = {"add": merge_add, "ties": merge_ties, "dare_linear": merge_dare_linear,
                                  "dare_ties": merge_dare_ties, "magnitude_prune": merge_magnitude_prune}
+FUNCTIONS.update(singular_methods.DENSE_FUNCTIONS)  # tsv, iso_c, iso_cts, knots, np_lora on dense deltas
 
 
 @dataclass(frozen=True)

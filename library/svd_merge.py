@@ -26,6 +26,7 @@ from library.errors import LoraToolsError
 from library.lowrank import check_rank_settings, rank_cap
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_jobs
 from library.merge_methods import SIGN_METHODS, MergeContext, get_method, merge_tensors
+from library.methods import FLAT_SPECTRUM_METHODS, SINGULAR_METHODS, SingularParams
 from networks.base import Adapter
 
 __all__ = ["LayerJob", "LayerResult", "MergeSettings", "merge_layers", "merged_delta", "uses_factored_route"]
@@ -46,6 +47,7 @@ class MergeSettings:
     power_iters: int = 2
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    singular: SingularParams = field(default_factory=SingularParams)  # tsv / iso_* / knots / np_lora
 
     def __post_init__(self):
         self.mode = get_method(self.mode).name
@@ -54,6 +56,9 @@ class MergeSettings:
             raise LoraToolsError(f"--density must be in (0, 1], got {self.density}")
         if self.sign_method not in SIGN_METHODS:
             raise LoraToolsError(f"--majority_sign_method must be one of {', '.join(SIGN_METHODS)}")
+        if self.mode in FLAT_SPECTRUM_METHODS and self.dynamic_method is not None:
+            raise LoraToolsError(f"--mode {self.mode} gives every direction the same singular value, so "
+                                 f"--dynamic_method has nothing to rank: use a fixed --new_rank")
         if self.dtype not in (torch.float32, torch.float64):
             # QR/SVD have no half-precision kernels on CPU (and poor ones on CUDA): the maths stays fp32.
             self.dtype = torch.float32
@@ -82,6 +87,8 @@ class LayerJob:
 
 
 def uses_factored_route(job: LayerJob, settings: MergeSettings) -> bool:
+    if settings.mode in SINGULAR_METHODS:
+        return True  # library.singular_layers: every input as exact factors, the method on the Σr×Σr core
     return settings.mode == "add" and all(a.kind == "lora" and a.dora is None for _, a, _ in job.parts)
 
 
@@ -101,6 +108,8 @@ def merge_layers(jobs: Sequence[LayerJob], settings: MergeSettings,
     merged bias delta (or None)."""
     for job in jobs:
         check_job(job)
+        if settings.mode == "np_lora" and job.n_inputs != 2:
+            raise LoraToolsError(f"--mode np_lora merges exactly two LoRAs (--models SUBJECT STYLE), got {job.n_inputs}")
     by_name = {job.name: job for job in jobs}
 
     def done(layer: LayerResult) -> None:
@@ -118,6 +127,10 @@ def engine_job(job: LayerJob, settings: MergeSettings) -> LowRankJob:
     common = dict(name=job.name, shape=tuple(job.shape), max_rank=rank_cap(job.shape, settings),
                   method=settings.dynamic_method, param=settings.dynamic_param,
                   rank_in=sum(int(a.rank or 0) for _, a, _ in job.parts))
+    if settings.mode in SINGULAR_METHODS:
+        from library.singular_layers import SingularLayer
+
+        return LowRankJob(parts=[(SingularLayer(job, settings), 1.0)], **common)
     if uses_factored_route(job, settings):
         return LowRankJob(parts=[(adapter, weight) for _, adapter, weight in job.parts], **common)
     # Each sketch has its own seed name so that it never shares a stream with the DARE masks of the layer.
