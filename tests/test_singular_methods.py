@@ -334,3 +334,96 @@ def test_singular_modes_are_registered_and_checked():
         SingularParams(np_mu=float("nan"))
     with pytest.raises(LoraToolsError, match="exactly two"):
         merge_layers([job(loras((4, 4, 4)), [1.0, 1.0, 1.0])], MergeSettings(mode="np_lora", new_rank=4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The scripts: files in, files out
+
+
+def kohya_files(tmp_path, modules, family, ranks=(8, 6), seed=90):
+    from tests.helpers import kohya_metadata, make_lora, write_lora
+
+    paths, tensors = [], []
+    for i, r in enumerate(ranks):
+        t = make_lora(modules, r, alpha=r / 2, seed=seed + i, dtype=torch.float32)
+        paths.append(write_lora(str(tmp_path / f"in{i}.safetensors"), t, kohya_metadata(family, r, r / 2)))
+        tensors.append(t)
+    return paths, tensors
+
+
+@pytest.mark.parametrize("method,flags", [("tsv", ["--tsv_fraction", "0.5"]), ("iso_cts", []),
+                                          ("knots", ["--knots_method", "dare_ties", "--density", "0.5"]),
+                                          ("np_lora", ["--np_mu", "3"])])
+def test_svd_merge_lora_script(tmp_path, method, flags):
+    import svd_merge_lora
+
+    from library.safetensors_io import load_tensors
+    from tests.helpers import dense_delta, run_script, sdxl_modules
+
+    modules = sdxl_modules("none", te2=False)[:2]  # CLIP-L layer 0 q, k (768×768)
+    paths, inputs = kohya_files(tmp_path, modules, "sdxl")
+    out = str(tmp_path / "out.safetensors")
+    run_script(svd_merge_lora, ["--models", *paths, "--ratios", "1", "0.6", "--mode", method, *flags,
+                                "--new_rank", "14", "--merge_alpha", "0.9", "--seed", "3", "--save_to", out,
+                                "--save_precision", "float"])
+    tensors, meta = load_tensors(out)
+    assert ("loratools.seed" in json_params(meta)) == (method == "knots")
+    for m in modules:
+        deltas = [w * dense_delta(t, m.name) for t, w in zip(inputs, (1.0, 0.6))]
+        got = dense_delta(tensors, m.name)
+        if method == "tsv":
+            want = ref_tsv(deltas, 0.5, 0.9)
+        elif method == "iso_cts":
+            want = ref_iso_cts(deltas, 0.8, 0.9)
+        elif method == "np_lora":
+            want = ref_np_lora(deltas[0], deltas[1], None, 3.0)
+        else:
+            want = None
+        if want is not None:
+            assert float((got - want).norm() / want.norm()) < 1e-5, m.name
+    if method == "knots":  # seeded: the same run gives the same bytes' worth of deltas
+        again = str(tmp_path / "again.safetensors")
+        run_script(svd_merge_lora, ["--models", *paths, "--ratios", "1", "0.6", "--mode", method, *flags,
+                                    "--new_rank", "14", "--merge_alpha", "0.9", "--seed", "3", "--save_to", again,
+                                    "--save_precision", "float"])
+        second, _ = load_tensors(again)
+        assert all(torch.equal(tensors[k], second[k]) for k in tensors)
+
+
+def json_params(meta: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in meta.items() if k.startswith("loratools."))
+
+
+def test_flux_merge_lora_offers_the_methods_by_name(tmp_path):
+    import flux_merge_lora
+
+    from library.safetensors_io import load_tensors
+    from tests.helpers import dense_delta, flux_modules, run_script
+
+    # Narrow Flux layers (3072×64, 64×3072, 3072×256), so that the dense float64 reference SVDs stay cheap.
+    modules = [m for m in flux_modules([], [], default_only=False)
+               if m.name.endswith(("img_in", "final_layer_linear", "time_in_in_layer"))]
+    paths, inputs = kohya_files(tmp_path, modules, "flux1", ranks=(4, 4))
+    out = str(tmp_path / "iso.safetensors")
+    run_script(flux_merge_lora, ["--models", *paths, "--mode", "iso_c", "--new_rank", "8", "--merge_alpha", "1.5",
+                                 "--save_to", out, "--save_precision", "float"])
+    tensors, _ = load_tensors(out)
+    for m in modules:
+        want = ref_iso_c([dense_delta(t, m.name) for t in inputs], 1.5)
+        got = dense_delta(tensors, m.name)
+        assert float((got - want).norm() / want.norm()) < 1e-5, m.name
+
+
+def test_scripts_refuse_bad_singular_flags_before_any_work(tmp_path, capsys):
+    import svd_merge_lora
+
+    from tests.helpers import run_cli_status, sdxl_modules
+
+    paths, _ = kohya_files(tmp_path, sdxl_modules("none", te2=False)[:1], "sdxl", ranks=(4, 4, 4))
+    out = tmp_path / "never.safetensors"
+    for flags, words in [(["--mode", "tsv", "--tsv_fraction", "1.5"], "--tsv_fraction"),
+                         (["--mode", "iso_c", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9"], "dynamic"),
+                         (["--mode", "np_lora"], "exactly two")]:
+        status, captured = run_cli_status(svd_merge_lora, ["--models", *paths, *flags, "--save_to", str(out)], capsys)
+        assert status == 2 and words in captured.err, captured.err
+        assert not out.exists()
