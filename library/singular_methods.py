@@ -48,6 +48,7 @@ from collections.abc import Sequence
 import torch
 
 from library.errors import LoraToolsError
+from library.lowrank import SVDResult
 from library.methods import SINGULAR_METHODS, SingularParams
 
 RTOL = 1e-5  # singular values below RTOL·σ_max are rounding noise, not directions
@@ -168,18 +169,20 @@ def knots_core(lefts: Sequence[torch.Tensor | None], right_bases: Sequence[torch
     U, S, Vh = _svd(concat)
     D = _count_above(S, float(S[0]) if S.numel() else 0.0)
     U, S, Vh = U[:, :D], S[:D], Vh[:D]
-    coords = [Vh.new_zeros(D, out_cols) for _ in lefts]  # a file absent here is a zero task (a no-op)
+    dtype = Vh.dtype if right_bases is None else next(b.dtype for b in right_bases if b is not None)
+    coords = [Vh.new_zeros(D, out_cols, dtype=dtype) for _ in lefts]  # a file absent here is a zero task (a no-op)
     start = 0
     for i in present:
         stop = start + lefts[i].shape[1]
         block = Vh[:, start:stop]
         basis = None if right_bases is None else right_bases[i]
-        coords[i] = block if basis is None else block @ basis.T.to(block.dtype)
+        # In the factors' dtype: the element-wise merge over T·D·n coordinates is the costly step of knots.
+        coords[i] = block if basis is None else block.to(basis.dtype) @ basis.T
         start = stop
     method = "add" if params.knots_method == "linear" else params.knots_method
     inner = MergeContext(density=ctx.density, sign_method=ctx.sign_method, seed=ctx.seed, name=f"{ctx.name}#knots")
     merged = merge_tensors(method, coords, [1.0] * len(coords), inner)
-    return U * (params.merge_alpha * S), merged
+    return U * (params.merge_alpha * S), merged.double()
 
 
 def _merge_cores(method: str, cores: Sequence[torch.Tensor | None], ctx, keep: int | None) -> Pair:
@@ -209,12 +212,20 @@ def _merge_cores(method: str, cores: Sequence[torch.Tensor | None], ctx, keep: i
 
 def merge_lowrank(method: str, tasks: Sequence[Task | None], ctx, *, keep: int | None = None,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The merged delta of one layer as factors (up [m, k], down [k, n]), k ≤ min(m, n, R), never forming m×n.
+    """The merged delta of one layer as factors (up [m, k], down [k, n]): merge_lowrank_svd as U·diag(S), Vh."""
+    U, S, Vh = merge_lowrank_svd(method, tasks, ctx, keep=keep, dtype=dtype)
+    return U * S.unsqueeze(0), Vh
+
+
+def merge_lowrank_svd(method: str, tasks: Sequence[Task | None], ctx, *, keep: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> SVDResult:
+    """The exact thin SVD of one layer's merged delta (k ≤ min(m, n, R) triplets), never forming m×n.
 
     tasks[i] is input i's (up, down) with its weight and alpha/rank folded into up (None: no delta on this
     layer). `ctx` carries `singular` (SingularParams) and, for knots, density / sign_method / seed / name
     (a merge_methods.MergeContext). `keep` caps the rank of the flat-spectrum methods (iso_*) in their
-    own order. QRs run in `dtype`, the cores in float64.
+    own order. QRs run in `dtype`, the cores in float64. The result is Q_B·C·Q_Aᵀ with a small core C, so
+    its SVD is Q_B·svd(C)·Q_Aᵀ: the engine truncates it without another pass over the m×R factors.
     """
     present = [i for i, t in enumerate(tasks) if t is not None]
     if not present:
@@ -234,19 +245,19 @@ def merge_lowrank(method: str, tasks: Sequence[Task | None], ctx, *, keep: int |
         for i, down, (a, b) in zip(present, downs, bounds):
             w, r_a = torch.linalg.qr(down.T)
             lefts[i], bases[i] = r_b[:, a:b] @ r_a.double().T, w
-        left, right = knots_core(lefts, bases, downs[0].shape[1], ctx)
-        if right.shape[0] > right.shape[1]:
-            # More coordinates than input columns (many wide tasks on a narrow layer): fold them to n exactly.
-            w, r = torch.linalg.qr(right.T)
-            left, right = left @ r.T, w.T
-        return (q_b @ left.to(dtype)).contiguous(), right.to(dtype).contiguous()
-    q_a, r_a = torch.linalg.qr(torch.cat(downs, 0).T)  # n×q, q×R
-    r_a = r_a.double()
-    cores: list[torch.Tensor | None] = [None] * len(tasks)
-    for i, (a, b) in zip(present, bounds):
-        cores[i] = r_b[:, a:b] @ r_a[:, a:b].T
-    left, right = _merge_cores(method, cores, ctx, keep)
-    return (q_b @ left.to(dtype)).contiguous(), (right.to(dtype) @ q_a.T).contiguous()
+        left, coords = knots_core(lefts, bases, downs[0].shape[1], ctx)
+        q_a, r_c = torch.linalg.qr(coords.to(dtype).T)  # the merged coordinates D×n = r_cᵀ q_aᵀ
+        core = left @ r_c.double().T
+    else:
+        q_a, r_a = torch.linalg.qr(torch.cat(downs, 0).T)  # n×q, q×R
+        r_a = r_a.double()
+        cores: list[torch.Tensor | None] = [None] * len(tasks)
+        for i, (a, b) in zip(present, bounds):
+            cores[i] = r_b[:, a:b] @ r_a[:, a:b].T
+        left, right = _merge_cores(method, cores, ctx, keep)
+        core = left @ right
+    cu, S, cvh = _svd(core)  # p×q at most: Σr×Σr
+    return SVDResult((q_b @ cu.to(dtype)).contiguous(), S.to(dtype), (cvh.to(dtype) @ q_a.T).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------------------

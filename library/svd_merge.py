@@ -130,7 +130,7 @@ def engine_job(job: LayerJob, settings: MergeSettings) -> LowRankJob:
     if settings.mode in SINGULAR_METHODS:
         from library.singular_layers import SingularLayer
 
-        return LowRankJob(parts=[(SingularLayer(job, settings), 1.0)], **common)
+        return LowRankJob(svd=SingularLayer(job, settings).svd, **common)
     if uses_factored_route(job, settings):
         return LowRankJob(parts=[(adapter, weight) for _, adapter, weight in job.parts], **common)
     # Each sketch has its own seed name so that it never shares a stream with the DARE masks of the layer.

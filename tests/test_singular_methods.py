@@ -356,7 +356,6 @@ def kohya_files(tmp_path, modules, family, ranks=(8, 6), seed=90):
                                           ("np_lora", ["--np_mu", "3"])])
 def test_svd_merge_lora_script(tmp_path, method, flags):
     import svd_merge_lora
-
     from library.safetensors_io import load_tensors
     from tests.helpers import dense_delta, run_script, sdxl_modules
 
@@ -396,7 +395,6 @@ def json_params(meta: dict) -> str:
 
 def test_flux_merge_lora_offers_the_methods_by_name(tmp_path):
     import flux_merge_lora
-
     from library.safetensors_io import load_tensors
     from tests.helpers import dense_delta, flux_modules, run_script
 
@@ -416,7 +414,6 @@ def test_flux_merge_lora_offers_the_methods_by_name(tmp_path):
 
 def test_scripts_refuse_bad_singular_flags_before_any_work(tmp_path, capsys):
     import svd_merge_lora
-
     from tests.helpers import run_cli_status, sdxl_modules
 
     paths, _ = kohya_files(tmp_path, sdxl_modules("none", te2=False)[:1], "sdxl", ranks=(4, 4, 4))
