@@ -1,13 +1,16 @@
 """SVD merge: several adapters on one target layer → one low-rank LoRA. Pure maths, no file I/O.
 
 Each target layer is a `LayerJob`: its weight shape and the adapters on it with their weights
-(ratio × block weight). Two routes:
+(ratio × block weight). Three routes:
 
 - factored: mode `add` with only plain LoRA/LoCon/Tucker inputs. Σ wᵢ·upᵢ@downᵢ is stacked and its exact
   thin SVD taken from QRs of the stacked factors and an SVD of the small R×R core (lowrank.factored_svd),
   batched over layers of equal (out, in, R). The out×in delta is never formed, the truncation is the
   Eckart–Young optimum, and the error of the result is exact (from the spectrum, or from the Gram matrices
   when a clamp changed the factors).
+- singular (tsv, iso_c, iso_cts, knots, np_lora): library.singular_layers hands the engine each layer's
+  exact thin SVD of the method's merged delta, computed on the Σr×Σr core of the stacked factors
+  (library.singular_methods); every input type is taken as exact factors, so M is never formed either.
 - dense: the element-wise modes (ties, dare_*, magnitude_prune are defined on the dense deltas) and any
   LoHa/LoKr/full-diff input (their deltas are not low-rank products). One layer at a time: the merged
   delta M is formed, a seeded randomized SVD (oversampling + power iterations) gives the factors, and the

@@ -69,7 +69,8 @@ def svd(x):
 
 
 def numerical_rank(S, scale):
-    return int(S.gt(1e-9 * scale).sum())
+    """The documented rule: singular values below 1e-5·σ_max are rounding (float32-made deltas sit near 1e-7)."""
+    return int(S.gt(1e-5 * scale).sum())
 
 
 def nearest_orthonormal(x):
@@ -80,12 +81,13 @@ def nearest_orthonormal(x):
 
 def ref_tsv(deltas, fraction=1.0, alpha=1.0):
     T = len(deltas)
-    D = min(sum(numerical_rank(svd(d)[1], 1.0) for d in deltas), *deltas[0].shape)  # the core size Σ rᵢ
+    scale = max(float(svd(d)[1][0]) for d in deltas)
+    D = min(sum(numerical_rank(svd(d)[1], scale) for d in deltas), *deltas[0].shape)  # the core size Σ rᵢ
     k = max(1, math.floor(fraction * D / T))
     us, ss, vs = [], [], []
     for d in deltas:
         U, S, Vh = svd(d)
-        kk = min(k, numerical_rank(S, 1.0))
+        kk = min(k, numerical_rank(S, scale))
         us.append(U[:, :kk])
         ss.append(S[:kk])
         vs.append(Vh[:kk].T)
@@ -424,3 +426,25 @@ def test_scripts_refuse_bad_singular_flags_before_any_work(tmp_path, capsys):
         status, captured = run_cli_status(svd_merge_lora, ["--models", *paths, *flags, "--save_to", str(out)], capsys)
         assert status == 2 and words in captured.err, captured.err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_cts", "knots"])
+def test_loha_and_full_inputs_enter_as_exact_factors(method):
+    """A LoHa (exact rank r1·r2 factors) and a full diff (identity factorisation) merge like their deltas."""
+    from networks.full import FullDiffAdapter
+    from networks.loha import LoHaAdapter
+
+    gen = torch.Generator().manual_seed(95)
+    m, n = 40, 48
+    loha = LoHaAdapter(torch.randn(m, 2, generator=gen), torch.randn(2, n, generator=gen),
+                       torch.randn(m, 3, generator=gen), torch.randn(3, n, generator=gen), alpha=1.0)
+    full = FullDiffAdapter(torch.randn(m, n, generator=gen) * 0.3)
+    lora = loras((4,), shape=(m, n), seed=96)[0]
+    adapters, weights = [loha, full, lora], [0.5, 1.0, 0.8]
+    deltas = [w * a.delta((m, n)).double() for a, w in zip(adapters, weights)]
+    got = merge_layers([LayerJob("l", (m, n), [(i, a, w) for i, (a, w) in enumerate(zip(adapters, weights))])],
+                       MergeSettings(mode=method, new_rank=m, dtype=torch.float64))["l"]
+    want = merge_tensors(method, deltas, [1.0] * 3, ctx(name="l"))
+    close(merged(got), want)
+    if method == "tsv":
+        close(want, ref_tsv(deltas))
