@@ -23,11 +23,11 @@ from library.cli import (
 )
 from library.console import warn
 from library.formats.specs import WRITE_FORMATS
-from library.methods import FACTOR, delta_aliases, method_params, names
+from library.methods import FACTOR, delta_aliases, delta_only, names
 
 # Torch and the maths are imported inside the functions that do the work, so that --help stays fast.
 SCRIPT = "flux_merge_lora.py"
-MODES = (*names(FACTOR), *delta_aliases())  # factor-space modes, then the delta-space svd / *_svd ones
+MODES = (*names(FACTOR), *delta_aliases(), *delta_only())  # factor space, then delta space (svd, *_svd, tsv, …)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -53,8 +53,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--working_device", default="auto", help="where deltas and sums are computed (auto, cpu, cuda[:N])")
     p.add_argument("--mode", default=None, choices=MODES,
                    help="LoRA+LoRA mode: concat (default, exact), add/ties/dare_linear/dare_ties/magnitude_prune "
-                        "(factor space, approximate, equal ranks), svd or *_svd (delta space, truncated to --new_rank)")
-    add_lora_merge_args(p)
+                        "(factor space, approximate, equal ranks); delta space, truncated to --new_rank: svd or *_svd, "
+                        "and tsv/iso_c/iso_cts/knots/np_lora (see svd_merge_lora.py)")
+    add_lora_merge_args(p, singular=True)
     p.add_argument("--new_rank", type=positive_int, default=None, help="rank of the result for the svd modes")
     p.add_argument("--format", default="kohya", choices=WRITE_FORMATS, help="LoRA output format (default kohya)")
     p.add_argument("--allow_unmatched", action="store_true",
@@ -95,8 +96,7 @@ def merge_into_lora(args, inputs: list, mode: str, device, save_to: str | None, 
     from library.lora_merge import MergeOptions, merge_and_write, plan_lora_merge
 
     save_to = prepare_output(save_to, args.models, args)
-    options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle, args.new_rank, device,
-                           method_params(args))
+    options = MergeOptions.from_args(args, device)
     plan = plan_lora_merge(inputs, mode, fmt, save_to, options)
     merged = merge_and_write(plan, describe=lambda m: print(m.component_line(plan, label), file=sys.stderr),
                              script=SCRIPT, args=args, save_precision=args.save_precision, dry_run=args.dry_run,

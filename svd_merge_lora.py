@@ -5,14 +5,16 @@
 
 Replaces sd-scripts' svd_merge_lora.py (same flags) and ComfyUI Power-Merge's "PM Merge LoRA SVD" node
 (`--mode add_svd|ties_svd|dare_linear_svd|dare_ties_svd|magnitude_prune_svd`, `--density`, `--svd_rank`,
-`--svd_conv_rank`). Inputs: any format and family loratools reads, of different ranks, covering different
-layers; LoCon 3×3 convs, Tucker, LoHa and LoKr. DoRA needs the base weight: use merge_lora.py --sd_model.
+`--svd_conv_rank`). Inputs: any format and family loratools reads, of any ranks and layers (LoCon, Tucker,
+LoHa, LoKr; DoRA needs the base weight: use merge_lora.py --sd_model).
 
 Per layer, the merged delta M = method(ratioᵢ·ΔWᵢ) is reduced to the requested rank:
 - `add` over LoRA/LoCon/LoHa/LoKr inputs (LoHa/LoKr by their exact factors): exact SVD of Σ ratioᵢ·ΔWᵢ from
-  the stacked factors (QR + small core SVD), never forming M — the optimal truncation, error known exactly.
+  the stacked factors (QR + small core SVD), never forming M, batched over layers of equal shape — the
+  optimal truncation, error known exactly.
 - `ties`, `dare_*`, `magnitude_prune`, `della`, `breadcrumbs` (masks seeded by (--seed, layer, input)):
   M formed per layer, randomized SVD (oversampling, power iterations); the error against M is reported.
+- `tsv`, `iso_c`, `iso_cts`, `knots`, `np_lora` (singular-space methods): on the Σr×Σr core, never forming M.
 No quantile clamp unless asked (--clamp_quantile); output alpha = rank. --ratios auto, --lbws LINES: README.
 """
 

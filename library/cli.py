@@ -138,9 +138,34 @@ def add_dynamic_rank_args(parser: argparse.ArgumentParser, method_help: str) -> 
                         help="p for --dynamic_method: ≥ 1 for sv_ratio, in (0, 1] for sv_fro and sv_cumulative")
 
 
-def add_lora_merge_args(parser: argparse.ArgumentParser) -> None:
-    """The LoRA+LoRA flags merge_lora.py and flux_merge_lora.py share (sd-scripts' names and meanings)."""
+def add_singular_args(parser: argparse.ArgumentParser) -> None:
+    """The singular-space methods' hyperparameters (svd_merge_lora.py, flux_merge_lora.py): methods.SingularParams."""
+    from library.methods import KNOTS_METHODS
+
+    group = parser.add_argument_group("singular-space modes (tsv, iso_c, iso_cts, knots, np_lora)")
+    group.add_argument("--merge_alpha", type=finite_float, default=1.0,
+                       help="tsv/iso_c/iso_cts/knots: scale of the merged delta (the papers' alpha; default 1)")
+    group.add_argument("--tsv_fraction", type=finite_float, default=1.0,
+                       help="tsv: each of T inputs keeps floor(fraction*D/T) singular vectors, D = sum of ranks "
+                            "(default 1: the paper's 1/T)")
+    group.add_argument("--common_space_fraction", type=finite_float, default=0.8,
+                       help="iso_cts: share of the rank given to the common subspace of the sum (default 0.8)")
+    group.add_argument("--knots_method", default="ties", choices=KNOTS_METHODS,
+                       help="knots: merge of the aligned task coordinates (default ties; uses --density, "
+                            "--majority_sign_method, --seed)")
+    group.add_argument("--np_rank", type=positive_int, default=None,
+                       help="np_lora: style directions projected out of the subject (default: all of the style's rank)")
+    group.add_argument("--np_mu", type=float, default=math.inf,
+                       help="np_lora: soft projection, 0 = plain sum, inf = hard null-space projection (default inf)")
+
+
+def add_lora_merge_args(parser: argparse.ArgumentParser, *, singular: bool = False) -> None:
+    """The LoRA+LoRA flags merge_lora.py and flux_merge_lora.py share (sd-scripts' names and meanings);
+    `singular` adds add_singular_args (flux_merge_lora.py's delta-space modes)."""
     from library.methods import SIGN_METHODS
+
+    if singular:
+        add_singular_args(parser)
 
     parser.add_argument("--concat", action="store_true", help="same as --mode concat (sd-scripts flag)")
     parser.add_argument("--shuffle", action="store_true",
@@ -183,6 +208,7 @@ def add_svd_merge_args(parser: argparse.ArgumentParser) -> None:
                         help="ties/dare_ties sign election (default total)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE masks and of the randomized SVD")
     add_method_param_args(parser)  # della / breadcrumbs: --epsilon, --lambda, --gamma
+    add_singular_args(parser)  # tsv / iso_c / iso_cts / knots / np_lora
     add_dynamic_rank_args(parser, "per-layer rank as resize_lora.py: sv_ratio, sv_fro or sv_cumulative (capped by "
                                "--new_rank / --new_conv_rank)")
     parser.add_argument("--clamp_quantile", type=finite_float, default=None,

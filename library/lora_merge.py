@@ -30,7 +30,15 @@ class MergeOptions:
     shuffle: bool = False
     new_rank: int | None = None  # delta-space modes only
     device: object = None
-    params: dict = field(default_factory=dict)  # della / breadcrumbs parameters (methods.method_params)
+    params: dict = field(default_factory=dict)  # method parameters as MergeContext fields (methods.method_params)
+
+    @classmethod
+    def from_args(cls, args, device) -> MergeOptions:
+        """flux_merge_lora.py's flags (add_lora_merge_args, --new_rank, the method-parameter flags)."""
+        from library.methods import method_params
+
+        return cls(args.density, args.majority_sign_method, args.seed, args.shuffle, args.new_rank, device,
+                   method_params(args))
 
 
 @dataclass

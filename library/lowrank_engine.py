@@ -27,6 +27,7 @@ import torch
 
 from library.errors import LoraToolsError
 from library.lowrank import (
+    SVDResult,
     clamp_quantile,
     dense_sq_norm,
     factored_svd,
@@ -93,6 +94,9 @@ class LowRankJob:
     rank_in: int | None = None  # for the report; default Σ rank of the parts
     scratch: bool = False  # the engine may overwrite `dense` (extract's own buffer: no second copy of a layer)
     total_sq: float | None = None  # ‖dense‖_F² (dense_sq_norm) when the caller has measured it already
+    # The caller's own exact thin SVD of the job's matrix (singular-space merges have one from their small
+    # core): used instead of factored_svd, so the m×R factors are not QR'd a second time.
+    svd: Callable[[], SVDResult] | None = None
 
     @property
     def factored(self) -> bool:
@@ -172,9 +176,12 @@ def run_jobs(jobs: Sequence[LowRankJob], settings: EngineSettings,
         if on_done:
             on_done(result)
 
-    for batch in batches([j for j in jobs if j.factored]):
+    for batch in batches([j for j in jobs if j.factored and j.svd is None]):
         for result in run_factored_batch(batch, settings):
             done(result)
+    for job in jobs:
+        if job.svd is not None:
+            done(run_given_svd(job, settings))
     for job in jobs:
         if not job.factored:
             done(run_dense(job, settings))
@@ -229,27 +236,36 @@ def run_factored_batch(batch: list[LowRankJob], settings: EngineSettings) -> lis
         _refuse_nonfinite(batch, big_up, big_down)
         raise LoraToolsError("the SVD of this layer overflowed (its values are too large for the compute dtype)",
                              key=batch[int((~finite).nonzero()[0, 0])].name)
-    # The whole spectrum (min(R, out, in) values): Σσ² is the exact ‖M‖_F².
-    totals = svd.S.double().square().sum(dim=-1).cpu()
-    results = []
-    for i, job in enumerate(batch):
-        S = svd.S[i]
-        total = float(totals[i])
-        k = select_rank(S, job.method, job.param, max_rank=job.max_rank, total_energy=total,
-                        input_rank=job.input_rank)
-        up, down, alpha = svd_to_lora(svd.U[i, :, :k], S[:k], svd.Vh[i, :k], job.shape, scale=job.scale,
-                                      alpha_dtype=settings.alpha_dtype)
-        # The tail is the exact error (total − kept would cancel badly near full rank).
-        error_sq = float(S[k:].double().square().sum())
-        if settings.clamp_quantile is not None or settings.factor_dtype is not None:
-            up, down = _as_returned(up, down, settings)
-            # ‖M − (α/k)·up@down‖² exactly, as the norm of the stacked difference [B | up]·[A; down].
-            error_sq = float(lowrank_fro_norm_sq([big_up[i], up.reshape(up.shape[0], k).to(big_up.dtype)],
-                                                 [big_down[i], down.reshape(k, -1).to(big_up.dtype)],
-                                                 [1.0, -alpha / k]))
-        results.append(LayerResult(job.name, tuple(job.shape), up.cpu(), down.cpu(), alpha, FACTORED, S.cpu(),
-                                   total, error_sq, job.parts_rank() if job.rank_in is None else job.rank_in))
-    return results
+    return [_truncated(job, svd.U[i], svd.S[i], svd.Vh[i], big_up[i], big_down[i], settings)
+            for i, job in enumerate(batch)]
+
+
+def run_given_svd(job: LowRankJob, settings: EngineSettings) -> LayerResult:
+    """A job whose caller computed the exact thin SVD (`job.svd`): truncated as a factored batch is."""
+    svd = job.svd()
+    if not bool(torch.isfinite(svd.S).all()):
+        raise LoraToolsError(NONFINITE_MESSAGE, key=job.name)
+    return _truncated(job, svd.U, svd.S, svd.Vh, svd.U * svd.S.unsqueeze(-2), svd.Vh, settings)
+
+
+def _truncated(job: LowRankJob, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, exact_up: torch.Tensor,
+               exact_down: torch.Tensor, settings: EngineSettings) -> LayerResult:
+    """One layer's LoRA from the exact SVD of its matrix M = exact_up @ exact_down (the whole spectrum:
+    Σσ² is the exact ‖M‖_F²)."""
+    total = float(S.double().square().sum())
+    k = select_rank(S, job.method, job.param, max_rank=job.max_rank, total_energy=total, input_rank=job.input_rank)
+    up, down, alpha = svd_to_lora(U[:, :k], S[:k], Vh[:k], job.shape, scale=job.scale,
+                                  alpha_dtype=settings.alpha_dtype)
+    # The tail is the exact error (total − kept would cancel badly near full rank).
+    error_sq = float(S[k:].double().square().sum())
+    if settings.clamp_quantile is not None or settings.factor_dtype is not None:
+        up, down = _as_returned(up, down, settings)
+        # ‖M − (α/k)·up@down‖² exactly, as the norm of the stacked difference [B | up]·[A; down].
+        error_sq = float(lowrank_fro_norm_sq([exact_up, up.reshape(up.shape[0], k).to(exact_up.dtype)],
+                                             [exact_down, down.reshape(k, -1).to(exact_up.dtype)],
+                                             [1.0, -alpha / k]))
+    return LayerResult(job.name, tuple(job.shape), up.cpu(), down.cpu(), alpha, FACTORED, S.cpu(),
+                       total, error_sq, job.parts_rank() if job.rank_in is None else job.rank_in)
 
 
 def run_dense(job: LowRankJob, settings: EngineSettings) -> LayerResult:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from library import methods
+from library import methods, singular_methods
 from library.errors import LoraToolsError
 from library.merge_methods_sparse import check_sparse_params, merge_breadcrumbs, merge_della
 from library.methods import SIGN_METHODS
@@ -102,6 +102,7 @@ class MergeContext:
     epsilon: float = 0.1  # della: half-width of the keep probabilities around density
     lambda_: float = 1.0  # della: scale of the merged delta
     gamma: float = 0.01  # breadcrumbs: share of the largest magnitudes dropped (mergekit's default)
+    singular: methods.SingularParams | None = None  # tsv / iso_c / iso_cts / knots / np_lora (None = defaults)
 
 
 def _weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -154,6 +155,7 @@ MergeFn = Callable[[Sequence[torch.Tensor], Sequence[float], MergeContext], torc
 FUNCTIONS: dict[str, MergeFn] = {"add": merge_add, "ties": merge_ties, "dare_linear": merge_dare_linear,
                                  "dare_ties": merge_dare_ties, "magnitude_prune": merge_magnitude_prune}
 FUNCTIONS.update(della=merge_della, breadcrumbs=merge_breadcrumbs)  # library/merge_methods_sparse.py
+FUNCTIONS.update(singular_methods.DENSE_FUNCTIONS)  # tsv, iso_c, iso_cts, knots, np_lora on dense deltas
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ and whether it draws random numbers (then the seed is recorded in the output's p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from library.errors import LoraToolsError
 
@@ -55,6 +56,17 @@ METHODS: tuple[Method, ...] = (
     Method("breadcrumbs", (FACTOR, DELTA), False, ("density", "gamma"),
            "drop the top-gamma magnitudes and all below the next density share, weighted sum",
            ("breadcrumbs_svd",), ("model_breadcrumbs",)),
+    # Singular-space methods (library.singular_methods): delta space only, computed on the Σr×Σr core.
+    Method("tsv", (DELTA,), False, ("singular",),
+           "Task Singular Vectors: each task's top singular vectors, orthogonalised across tasks, summed"),
+    Method("iso_c", (DELTA,), False, ("singular",), "Iso-C: the sum with its singular values replaced by their mean"),
+    Method("iso_cts", (DELTA,), False, ("singular",),
+           "Iso-CTS: common subspace of the sum plus each task's own residual directions, flat spectrum"),
+    # Random only with --knots_method dare_*; the seed is recorded for every knots run.
+    Method("knots", (DELTA,), True, ("singular", "density", "sign_method", "seed"),
+           "KnOTS: shared SVD basis of the concatenated deltas, task coordinates merged by --knots_method"),
+    Method("np_lora", (DELTA,), False, ("singular",),
+           "NP-LoRA: first LoRA (subject) projected off the principal output directions of the second (style), summed"),
 )
 BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 _ALL_NAMES: dict[str, Method] = {label: m for m in METHODS for label in (m.name, *m.delta_aliases, *m.aliases)}
@@ -66,8 +78,12 @@ PARAM_FLAGS = {"epsilon": "--epsilon", "lambda_": "--lambda", "gamma": "--gamma"
 
 
 def method_params(args) -> dict:
-    """The method-parameter flags a script declared, as MergeContext fields ({} when it declared none)."""
-    return {field: getattr(args, field) for field in PARAM_FLAGS if getattr(args, field, None) is not None}
+    """The method-parameter flags a script declared, as MergeContext fields ({} when it declared none):
+    della/breadcrumbs' by name, the singular-space methods' as one SingularParams."""
+    params = {field: getattr(args, field) for field in PARAM_FLAGS if getattr(args, field, None) is not None}
+    if any(getattr(args, f.name, None) is not None for f in fields(SingularParams)):
+        params["singular"] = SingularParams.from_args(args)
+    return params
 
 
 def names(space: str) -> tuple[str, ...]:
@@ -96,8 +112,14 @@ def method(name: str) -> Method:
 
 
 def space_of(name: str) -> str:
-    """For a `--mode` value of flux_merge_lora.py (which offers both spaces): delta for the `*_svd` names."""
-    return DELTA if name in delta_aliases() else FACTOR
+    """For a `--mode` value of flux_merge_lora.py (which offers both spaces): delta for the `*_svd` names
+    and for the methods that exist only in delta space (tsv, iso_c, …)."""
+    return DELTA if name in delta_aliases() or name in delta_only() else FACTOR
+
+
+def delta_only() -> tuple[str, ...]:
+    """Methods with no factor-space version: flux_merge_lora.py offers them under their own names."""
+    return tuple(m.name for m in METHODS if m.spaces == (DELTA,))
 
 
 def is_random(name: str) -> bool:
@@ -111,3 +133,41 @@ def recorded_seed(seed: int, *, mode: str | None = None, shuffle: bool = False, 
     used = (mode is not None and is_random(mode)) or shuffle or randomized_svd
     used = used or any(getattr(bw, "random", False) for bw in block_weights if bw is not None)
     return seed if used else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hyperparameters of the singular-space methods (torch-free: argparse reads them, library.singular_methods uses them)
+
+SINGULAR_METHODS = ("tsv", "iso_c", "iso_cts", "knots", "np_lora")
+FLAT_SPECTRUM_METHODS = ("iso_c", "iso_cts")  # every kept singular value equal: rank rules have nothing to rank
+KNOTS_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # element-wise merges of KnOTS
+
+
+@dataclass(frozen=True)
+class SingularParams:
+    """--merge_alpha, --tsv_fraction, --common_space_fraction, --knots_method, --np_rank, --np_mu."""
+
+    merge_alpha: float = 1.0  # tsv / iso_c / iso_cts / knots: scale of the merged delta (the papers' α / λ)
+    tsv_fraction: float = 1.0  # tsv: each of T tasks keeps ⌊fraction·D/T⌋ singular triplets (D = core size)
+    common_space_fraction: float = 0.8  # iso_cts: share of D given to the common subspace
+    knots_method: str = "ties"  # knots: element-wise merge of the aligned task coordinates
+    np_rank: int | None = None  # np_lora: style directions projected out (None = all of the style's rank)
+    np_mu: float = math.inf  # np_lora: soft projection strength (0 = plain sum, inf = hard null-space projection)
+
+    def __post_init__(self):
+        checks = [(math.isfinite(self.merge_alpha), "--merge_alpha", "a finite number", self.merge_alpha),
+                  (0.0 < self.tsv_fraction <= 1.0, "--tsv_fraction", "in (0, 1]", self.tsv_fraction),
+                  (0.0 <= self.common_space_fraction <= 1.0, "--common_space_fraction", "in [0, 1]",
+                   self.common_space_fraction),
+                  (self.knots_method in KNOTS_METHODS, "--knots_method", f"one of {', '.join(KNOTS_METHODS)}",
+                   self.knots_method),
+                  (self.np_rank is None or self.np_rank >= 1, "--np_rank", "a positive integer", self.np_rank),
+                  (self.np_mu >= 0.0, "--np_mu", "0 or more (inf = hard projection)", self.np_mu)]
+        for ok, flag, rule, value in checks:
+            if not ok:
+                raise LoraToolsError(f"{flag} must be {rule}, got {value}")
+
+    @classmethod
+    def from_args(cls, args) -> SingularParams:
+        """The parameters a script's parsed flags give (defaults for flags the script does not have)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})

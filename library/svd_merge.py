@@ -1,7 +1,7 @@
 """SVD merge: several adapters on one target layer → one low-rank LoRA. Pure maths, no file I/O.
 
 Each target layer is a `LayerJob`: its weight shape and the adapters on it with their weights
-(ratio × block weight). Two routes:
+(ratio × block weight). Three routes:
 
 - factored: mode `add` with plain LoRA/LoCon/Tucker inputs, and LoHa/LoKr ones through their exact
   low-rank factors (rank r₁·r₂) while that is cheaper than the dense route (library.exact_lowrank).
@@ -9,9 +9,13 @@ Each target layer is a `LayerJob`: its weight shape and the adapters on it with 
   the small R×R core (lowrank.factored_svd), batched over layers of equal (out, in, R). The out×in delta
   is never formed, the truncation is the Eckart–Young optimum, and the error of the result is exact (from
   the spectrum, or from the Gram matrices when a clamp changed the factors).
-- dense: the element-wise modes (ties, dare_*, magnitude_prune are defined on the dense deltas), full-diff
-  inputs, and LoHa/LoKr whose exact rank is too large for the factored route to pay. One layer at a time:
-  the merged delta M is formed, a seeded randomized SVD (oversampling + power iterations) gives the factors, and the
+- singular (tsv, iso_c, iso_cts, knots, np_lora): library.singular_layers hands the engine each layer's
+  exact thin SVD of the method's merged delta, computed on the Σr×Σr core of the stacked factors
+  (library.singular_methods); every input type is taken as exact factors, so M is never formed either.
+- dense: the element-wise modes (ties, dare_*, magnitude_prune, della, breadcrumbs are defined on the dense
+  deltas), full-diff inputs, and LoHa/LoKr whose exact rank is too large for the factored route to pay. One
+  layer at a time: the merged delta M is formed, a seeded randomized SVD (oversampling + power iterations)
+  gives the factors, and the
   error is measured directly against M.
 """
 
@@ -28,6 +32,7 @@ from library.exact_lowrank import lowrank_parts
 from library.lowrank import check_rank_settings, rank_cap
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_jobs
 from library.merge_methods import SIGN_METHODS, MergeContext, check_context, get_method, merge_tensors
+from library.methods import FLAT_SPECTRUM_METHODS, SINGULAR_METHODS, SingularParams
 from networks.base import Adapter
 
 __all__ = ["LayerJob", "LayerResult", "MergeSettings", "merge_layers", "merged_delta", "uses_factored_route"]
@@ -51,6 +56,7 @@ class MergeSettings:
     epsilon: float = 0.1  # della (library/merge_methods_sparse.py)
     lambda_: float = 1.0  # della
     gamma: float = 0.01  # breadcrumbs
+    singular: SingularParams = field(default_factory=SingularParams)  # tsv / iso_* / knots / np_lora
 
     def __post_init__(self):
         self.mode = get_method(self.mode).name
@@ -60,6 +66,9 @@ class MergeSettings:
         if self.sign_method not in SIGN_METHODS:
             raise LoraToolsError(f"--majority_sign_method must be one of {', '.join(SIGN_METHODS)}")
         check_context(get_method(self.mode), self.context(""))  # della/breadcrumbs: refused before any work
+        if self.mode in FLAT_SPECTRUM_METHODS and self.dynamic_method is not None:
+            raise LoraToolsError(f"--mode {self.mode} gives every direction the same singular value, so "
+                                 f"--dynamic_method has nothing to rank: use a fixed --new_rank")
         if self.dtype not in (torch.float32, torch.float64):
             # QR/SVD have no half-precision kernels on CPU (and poor ones on CUDA): the maths stays fp32.
             self.dtype = torch.float32
@@ -92,6 +101,8 @@ class LayerJob:
 
 
 def uses_factored_route(job: LayerJob, settings: MergeSettings) -> bool:
+    if settings.mode in SINGULAR_METHODS:
+        return True  # library.singular_layers: every input as exact factors, the method on the Σr×Σr core
     return _factored_parts(job, settings) is not None
 
 
@@ -119,6 +130,8 @@ def merge_layers(jobs: Sequence[LayerJob], settings: MergeSettings,
     merged bias delta (or None)."""
     for job in jobs:
         check_job(job)
+        if settings.mode == "np_lora" and job.n_inputs != 2:
+            raise LoraToolsError(f"--mode np_lora merges exactly two LoRAs (--models SUBJECT STYLE), got {job.n_inputs}")
     by_name = {job.name: job for job in jobs}
 
     def done(layer: LayerResult) -> None:
@@ -136,6 +149,10 @@ def engine_job(job: LayerJob, settings: MergeSettings) -> LowRankJob:
     common = dict(name=job.name, shape=tuple(job.shape), max_rank=rank_cap(job.shape, settings),
                   method=settings.dynamic_method, param=settings.dynamic_param,
                   rank_in=sum(int(a.rank or 0) for _, a, _ in job.parts))
+    if settings.mode in SINGULAR_METHODS:
+        from library.singular_layers import SingularLayer
+
+        return LowRankJob(svd=SingularLayer(job, settings).svd, **common)
     parts = _factored_parts(job, settings)
     if parts is not None:
         return LowRankJob(parts=[(part, weight) for part, (_, _, weight) in zip(parts, job.parts)], **common)

@@ -11,6 +11,8 @@ from library import methods
 from library.errors import LoraToolsError
 from tests.helpers import ROOT
 
+SINGULAR = ("tsv", "iso_c", "iso_cts", "knots", "np_lora")  # library.singular_methods
+
 
 def choices_of(parser, flag="--mode"):
     return next(a.choices for a in parser._actions if flag in a.option_strings)
@@ -30,11 +32,12 @@ def test_every_script_takes_its_modes_from_the_registry():
         "concat", "add", "ties", "dare_linear", "dare_ties", "magnitude_prune", "della", "breadcrumbs")
     assert tuple(choices_of(svd_merge_lora.setup_parser())) == tuple(sorted(
         ["add", "ties", "dare_linear", "dare_ties", "magnitude_prune", "della", "breadcrumbs", "svd", "add_svd",
-         "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd", "della_svd", "breadcrumbs_svd"]))
+         "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd", "della_svd", "breadcrumbs_svd",
+         *SINGULAR]))
     assert tuple(choices_of(flux_merge_lora.setup_parser())) == (
         "concat", "add", "ties", "dare_linear", "dare_ties", "magnitude_prune", "della", "breadcrumbs",
         "svd", "add_svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd", "della_svd",
-        "breadcrumbs_svd")
+        "breadcrumbs_svd", *SINGULAR)
     for parser in (merge_lora.setup_parser(), svd_merge_lora.setup_parser(), flux_merge_lora.setup_parser()):
         assert tuple(choices_of(parser, "--majority_sign_method")) == ("total", "frequency")
 
@@ -43,7 +46,8 @@ def test_spaces_aliases_and_randomness():
     assert methods.method("concat").spaces == ("factor",)
     assert methods.method("ties_svd") is methods.method("ties")
     assert methods.method("svd").name == "add" and methods.method("task_arithmetic").name == "add"
-    assert [m.name for m in methods.METHODS if m.random] == ["dare_linear", "dare_ties", "della"]
+    assert [m.name for m in methods.METHODS if m.random] == ["dare_linear", "dare_ties", "della", "knots"]
+    assert [methods.space_of(m) for m in SINGULAR] == ["delta"] * 5  # delta-only: flux offers their plain names
     assert methods.space_of("dare_ties_svd") == "delta" and methods.space_of("dare_ties") == "factor"
     with pytest.raises(LoraToolsError, match="unknown merge mode 'bogus'"):
         methods.method("bogus")
