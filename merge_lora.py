@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from library.cli import (
     add_common_args,
@@ -108,7 +107,7 @@ def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
                             save_dtype=parse_dtype(args.save_precision) if args.save_precision else None,
                             device=resolve_device(args.device), inputs=[args.sd_model, *args.models],
                             overwrite=args.overwrite, measure=True if args.verbose else None,
-                            progress=lambda keys: progress(keys, desc="merge", enabled=sys.stderr.isatty()))
+                            progress=lambda keys: progress(keys, desc="merge"))
     print_report(save_to, result, args.verbose, args.save_precision)
     return {"plan": plan, "result": result, "save_to": save_to}
 

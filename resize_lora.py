@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 # Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
 from library.cli import (
@@ -87,7 +86,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{args.model}: {lora.family} {lora.format}, {len(kept_jobs)} layers to resize, "
               f"{len(jobs) - len(kept_jobs)} removed, {len(passthrough)} passed through")
         return {}
-    bar = progress(range(len(kept_jobs)), desc="resize", total=len(kept_jobs), enabled=sys.stderr.isatty())
+    bar = progress(range(len(kept_jobs)), desc="resize", total=len(kept_jobs))
     results = resize_layers(jobs, settings, on_done=lambda _: bar.update(1))
     bar.close()
 

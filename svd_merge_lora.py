@@ -21,7 +21,6 @@ Output alpha = rank (scale 1), so the product is exactly what the SVD kept.
 from __future__ import annotations
 
 import argparse
-import sys
 
 # Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
 from library.cli import (
@@ -127,7 +126,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.dry_run:
         return {"jobs": jobs}
 
-    bar = progress(range(len(jobs)), desc="svd merge", total=len(jobs), enabled=sys.stderr.isatty())
+    bar = progress(range(len(jobs)), desc="svd merge", total=len(jobs))
     results = merge_layers(jobs, settings, on_done=lambda _: bar.update(1))
     bar.close()
 

@@ -148,9 +148,19 @@ def add_lora_merge_args(parser: argparse.ArgumentParser) -> None:
                         help="seed of DARE masks, --shuffle and R/U block weights (drawn per target)")
 
 
+def add_version(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--version`: prints "<script> <loratools version>" (idempotent; parse_args adds it to every parser)."""
+    if "--version" not in parser._option_string_actions:
+        from library import __version__
+
+        parser.add_argument("--version", action="version", version=f"%(prog)s (loratools) {__version__}")
+    return parser
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, device: bool = True,
                     precision: bool = True, save_default: str = "that of the input") -> argparse.ArgumentParser:
     one_line_errors(parser)
+    add_version(parser)
     group = parser.add_argument_group("common options")
     if device:
         group.add_argument("--device", default="auto",
@@ -171,8 +181,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, dev
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags, taking defaults from `--config_file` when one is given, so the command line wins."""
+    """Parse flags, taking defaults from `--config_file` when one is given, so the command line wins.
+
+    This, not `parser.parse_args`, is the call for notebooks: argparse alone ignores --config_file."""
     one_line_errors(parser)
+    add_version(parser)
     known, _ = parser.parse_known_args(argv)
     config_path = getattr(known, "config_file", None)
     if config_path:
@@ -291,12 +304,84 @@ def check_counts(values: Sequence | None, models: Sequence, flag: str) -> None:
         raise LoraToolsError(f"{flag} has {len(values)} values but {len(models)} models were given")
 
 
-def progress(iterable, *, desc: str, total: int | None = None, enabled: bool = True):
-    """A tqdm progress bar on stderr (so stdout stays clean for --json and pipelines)."""
-    from tqdm import tqdm
+def progress(iterable=None, *, desc: str, total: int | None = None, enabled: bool = True,
+             interval: float | None = None):
+    """Progress on stderr (stdout stays clean for --json and pipelines), in the form the reader expects:
+    a tqdm.auto bar in a terminal and in Jupyter/Colab (a widget there, whose stderr is no terminal), and in a
+    log file or pipe plain lines ("desc: 120/788 (15%), 42 s") at most every `interval` seconds
+    (LORATOOLS_PROGRESS_INTERVAL, default 15) and at the end, never a `\r` redraw. Returns an iterable with
+    tqdm's update() and close()."""
+    if enabled and not in_notebook() and not _isatty(sys.stderr):
+        if interval is None:
+            interval = float(os.environ.get("LORATOOLS_PROGRESS_INTERVAL", "15"))
+        return PlainProgress(iterable, desc=desc, total=total, interval=interval)
+    from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
                 leave=False)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter/Colab kernel (where tqdm.auto draws a widget)."""
+    shell = sys.modules.get("IPython")
+    get_ipython = getattr(shell, "get_ipython", None)
+    try:
+        return get_ipython is not None and get_ipython() is not None and "IPKernelApp" in get_ipython().config
+    except Exception:  # an odd IPython must never break a run
+        return False
+
+
+class PlainProgress:
+    """tqdm's small surface (iteration, update, close, context manager) as plain, periodic lines."""
+
+    def __init__(self, iterable=None, *, desc: str, total: int | None = None, interval: float = 15.0,
+                 file=None):
+        import time
+
+        self._clock = time.monotonic
+        self.iterable, self.desc, self.interval, self.file = iterable, desc, interval, file or sys.stderr
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.n, self.closed = total, 0, False
+        self.start = self._last = self._clock()
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self._clock()
+        if now - self._last >= self.interval and (self.total is None or self.n < self.total):
+            self._last = now
+            self._line(now)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._line(self._clock(), done=True)
+
+    def _line(self, now: float, done: bool = False) -> None:
+        count = f"{self.n}/{self.total} ({100 * self.n // self.total}%)" if self.total else f"{self.n}"
+        print(f"{self.desc}: {count}, {now - self.start:.0f} s{' (done)' if done else ''}", file=self.file,
+              flush=True)
 
 
 def run_cli(setup_parser: Callable[[], argparse.ArgumentParser], main: Callable[[argparse.Namespace], object],
