@@ -265,6 +265,26 @@ def compute_dtype(args: argparse.Namespace):
     return dtype
 
 
+def unused_compute_flags(args: argparse.Namespace, what: str, *, device_used: bool) -> list[str]:
+    """Warnings for --precision / --device values a run does not use, so that no flag is silently ignored.
+
+    `what` names the work ("a LoRA+LoRA merge", "resize"). Its QR/SVD and factor sums always run in float32
+    (float64 for small cores): fp16/bf16 have no CPU kernels for them and would only round more, so a
+    --precision other than fp32 is said to be unused (--save_precision sets the stored dtype). `device_used`
+    False: the work runs on the CPU, so an explicit --device/--working_device other than cpu/auto is named."""
+    notes = []
+    precision = getattr(args, "precision", None)
+    if precision not in (None, "float", "fp32"):
+        notes.append(f"--precision {precision} is not used by {what}: its maths runs in float32 (no rounding beyond "
+                     "the inputs'); --save_precision sets the dtype written")
+    device = getattr(args, "device", None) or getattr(args, "working_device", None)
+    if not device_used and device not in (None, "auto", "cpu"):
+        notes.append(f"--device {device} is not used by {what}: stacking and summing small factors is done on the "
+                     "CPU (moving them to the GPU costs more); it is used when merging into a checkpoint and by the "
+                     "delta-space (svd) modes")
+    return notes
+
+
 # ---- outputs ---------------------------------------------------------------------------------------------
 
 def prepare_output(path: str | None, inputs: Iterable[str], args: argparse.Namespace, flag: str = "--save_to",
@@ -280,10 +300,24 @@ def prepare_output(path: str | None, inputs: Iterable[str], args: argparse.Names
             raise LoraToolsError(f"{flag} is required")
     else:
         if not path.endswith(".safetensors"):
-            raise LoraToolsError(f"{flag} must end in .safetensors (we only write safetensors)", file=path)
+            raise LoraToolsError(not_safetensors_message(path, flag), file=path)
         checked = Destination(path, inputs, overwrite, flag=flag, other_outputs=other_outputs).check()
     side_outputs(args, inputs, {**(other_outputs or {}), flag: path})
     return checked
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def not_safetensors_message(path: str, flag: str) -> str:
+    """Why an output must be .safetensors, and the name to use instead (sd-scripts also writes .ckpt/.pt)."""
+    stem, suffix = os.path.splitext(path)
+    instead = f"{stem if suffix.lower() in PICKLE_SUFFIXES else path}.safetensors"
+    if suffix.lower() in PICKLE_SUFFIXES:
+        return (f"{flag} {suffix}: we write safetensors only. A {suffix} file is a pickle, which can run code when it "
+                "is loaded; every tool that reads .ckpt (A1111, ComfyUI, diffusers, sd-scripts, kohya_ss) reads "
+                f".safetensors too, so use {flag} {instead}")
+    return f"{flag} must end in .safetensors (we only write safetensors): use {instead}"
 
 
 def side_outputs(args: argparse.Namespace, inputs: Iterable[str], outputs: Mapping[str, str | None]) -> dict[str, Destination]:

@@ -9,8 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from library.errors import LoraToolsError
-from library.lowrank import rank_cap
-from library.resize import ResizeJob, ResizeSettings, is_removed
+from library.resize import ResizeJob, ResizeSettings, is_removed, resize_rank_cap
 from library.safetensors_io import open_checkpoint
 from networks import adapter_from_tensors
 
@@ -53,14 +52,15 @@ def kept_as_they_are(jobs: Sequence[ResizeJob], settings: ResizeSettings) -> str
     if settings.dynamic_method is not None:
         return None  # a dynamic rule may still lower them: the cap is only a cap
     kept = [job for job in jobs if not is_removed(job, settings)]
-    low = [job for job in kept if job.adapter.rank and job.adapter.rank <= rank_cap(job.shape, settings)]
+    low = [job for job in kept if job.adapter.rank and job.adapter.rank <= resize_rank_cap(job.shape, settings)]
     if not low:
         return None
     ranks = sorted({int(job.adapter.rank) for job in low})
     target = f"--new_rank {settings.new_rank}" + (f" / --new_conv_rank {settings.new_conv_rank}"
                                                   if settings.new_conv_rank is not None else "")
     return (f"{target}: {len(low)} of {len(kept)} layers have rank {', '.join(map(str, ranks))}; ranks already at or "
-            "below the target are kept as they are")
+            "below the target are kept as they are (re-factored exactly, the same ΔW; a rank is never raised, where "
+            "sd-scripts pads it with zero directions)")
 
 
 def resized_modules(modules, results: Mapping, passthrough: list) -> list:
