@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from library.cli import add_common_args, run_cli
+from library.cli import add_common_args, run_cli, warn
 from library.errors import LoraToolsError
 
 
@@ -20,9 +20,15 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+    from library.diffusers_compat import kohya_alpha_warning
     from library.lora_summary import format_text, summarize  # torch: imported when work starts, not for --help
 
     reports = [summarize(path, args.family) for path in args.files]
+    for report in (r for r in reports if "module_list" in r):
+        pairs = [(m["rank"], m["alpha"]) for m in report["module_list"]]
+        if note := kohya_alpha_warning(report["format"], report["family"], pairs):
+            report["warnings"] = [*report.get("warnings", []), note]
+            warn(f"{report['file']}: {note}")
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, default=str))
     else:

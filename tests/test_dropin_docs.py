@@ -14,7 +14,8 @@ from tests.helpers import ROOT
 
 
 def test_readme_python_snippet_uses_the_call_that_reads_config_files(tmp_path):
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
     snippet = re.search(r"Every script can also be driven from Python.*?```python\n(.*?)```", readme, re.S).group(1)
     assert "parse_args(merge_lora.setup_parser()" in snippet and "from library.cli import parse_args" in snippet
     config = tmp_path / "merge.toml"
