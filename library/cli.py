@@ -314,7 +314,8 @@ def not_safetensors_message(path: str, flag: str) -> str:
     stem, suffix = os.path.splitext(path)
     instead = f"{stem if suffix.lower() in PICKLE_SUFFIXES else path}.safetensors"
     if suffix.lower() in PICKLE_SUFFIXES:
-        return (f"{flag} {suffix}: we write safetensors only. A {suffix} file is a pickle, which can run code when it "
+        return (f"{flag} must end in .safetensors: we write safetensors only. A {suffix} file is a pickle, "
+                "which can run code when it "
                 "is loaded; every tool that reads .ckpt (A1111, ComfyUI, diffusers, sd-scripts, kohya_ss) reads "
                 f".safetensors too, so use {flag} {instead}")
     return f"{flag} must end in .safetensors (we only write safetensors): use {instead}"
@@ -343,7 +344,7 @@ def progress(iterable=None, *, desc: str, total: int | None = None, enabled: boo
     """Progress on stderr (stdout stays clean for --json and pipelines), in the form the reader expects:
     a tqdm.auto bar in a terminal and in Jupyter/Colab (a widget there, whose stderr is no terminal), and in a
     log file or pipe plain lines ("desc: 120/788 (15%), 42 s") at most every `interval` seconds
-    (LORATOOLS_PROGRESS_INTERVAL, default 15) and at the end, never a `\r` redraw. Returns an iterable with
+    (LORATOOLS_PROGRESS_INTERVAL, default 15) and a last one if any was printed, never a `\r` redraw. Returns an iterable with
     tqdm's update() and close()."""
     if enabled and not in_notebook() and not _isatty(sys.stderr):
         if interval is None:
@@ -383,7 +384,7 @@ class PlainProgress:
         self.iterable, self.desc, self.interval, self.file = iterable, desc, interval, file or sys.stderr
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
-        self.total, self.n, self.closed = total, 0, False
+        self.total, self.n, self.closed, self.printed = total, 0, False, 0
         self.start = self._last = self._clock()
 
     def __iter__(self):
@@ -408,11 +409,15 @@ class PlainProgress:
             self._line(now)
 
     def close(self) -> None:
+        # A run shorter than one interval says nothing (a log needs no bar for a 2-second resize); a longer one
+        # ends with its total.
         if not self.closed:
             self.closed = True
-            self._line(self._clock(), done=True)
+            if self.printed:
+                self._line(self._clock(), done=True)
 
     def _line(self, now: float, done: bool = False) -> None:
+        self.printed += 1
         count = f"{self.n}/{self.total} ({100 * self.n // self.total}%)" if self.total else f"{self.n}"
         print(f"{self.desc}: {count}, {now - self.start:.0f} s{' (done)' if done else ''}", file=self.file,
               flush=True)

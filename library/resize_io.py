@@ -59,8 +59,7 @@ def kept_as_they_are(jobs: Sequence[ResizeJob], settings: ResizeSettings) -> str
     target = f"--new_rank {settings.new_rank}" + (f" / --new_conv_rank {settings.new_conv_rank}"
                                                   if settings.new_conv_rank is not None else "")
     return (f"{target}: {len(low)} of {len(kept)} layers have rank {', '.join(map(str, ranks))}; ranks already at or "
-            "below the target are kept as they are (re-factored exactly, the same ΔW; a rank is never raised, where "
-            "sd-scripts pads it with zero directions)")
+            "below the target are kept as they are")
 
 
 def resized_modules(modules, results: Mapping, passthrough: list) -> list:
