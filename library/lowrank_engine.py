@@ -4,7 +4,7 @@ A `LowRankJob` is neutral: a target name, the target weight's shape, and either 
 with `.factors()` → (up [out, r], down [r, in·k·k]) and `.rank`, each with a weight) or a dense delta;
 plus a rank cap, a rank rule and the output scale. Two routes:
 
-- "factored": Σ wᵢ·upᵢ@downᵢ through `lowrank.factored_svd` (QR of the stacked factors + SVD of the
+- "factored": Σ wᵢ·upᵢ@downᵢ through `lowrank.factored_svd_parts` (QR of the stacked factors + SVD of the
   R×R core), batched over jobs of equal (out, in·k·k, R). The whole spectrum is exact, so the error
   is the exact tail (or, after a clamp, the exact norm of the stacked difference).
 - "dense/randomized" (default for dense jobs) or "dense/exact" (asked for, or sv_cumulative, which needs
@@ -29,7 +29,7 @@ from library.errors import LoraToolsError
 from library.lowrank import (
     clamp_quantile,
     dense_sq_norm,
-    factored_svd,
+    factored_svd_parts,
     generator_for,
     lowrank_fro_norm_sq,
     randomized_svd,
@@ -218,7 +218,7 @@ def run_factored_batch(batch: list[LowRankJob], settings: EngineSettings) -> lis
     big_up, big_down = _fill_batch(batch, settings.dtype)
     big_up, big_down = big_up.to(settings.device), big_down.to(settings.device)
     try:
-        svd = factored_svd(big_up, big_down, dtype=settings.dtype)
+        svd = factored_svd_parts(big_up, big_down, dtype=settings.dtype)
     except torch.linalg.LinAlgError:
         _refuse_nonfinite(batch, big_up, big_down)
         raise
@@ -237,8 +237,9 @@ def run_factored_batch(batch: list[LowRankJob], settings: EngineSettings) -> lis
         total = float(totals[i])
         k = select_rank(S, job.method, job.param, max_rank=job.max_rank, total_energy=total,
                         input_rank=job.input_rank)
-        up, down, alpha = svd_to_lora(svd.U[i, :, :k], S[:k], svd.Vh[i, :k], job.shape, scale=job.scale,
-                                      alpha_dtype=settings.alpha_dtype)
+        # Only the k kept singular vectors are formed (RotatedSVD): a dynamic rule often keeps few of R.
+        U_k, Vh_k = svd.leading(k, i)
+        up, down, alpha = svd_to_lora(U_k, S[:k], Vh_k, job.shape, scale=job.scale, alpha_dtype=settings.alpha_dtype)
         # The tail is the exact error (total − kept would cancel badly near full rank).
         error_sq = float(S[k:].double().square().sum())
         if settings.clamp_quantile is not None or settings.factor_dtype is not None:
