@@ -36,10 +36,12 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    from library.diffusers_compat import kohya_alpha_warning
     from library.formats import read_lora
     from library.formats.regroup import kind_of
     from library.formats.write import lora_tensors
     from library.lora_output import output_dtype, write_lora
+    from networks import adapter_from_tensors
 
     out = prepare_output(args.output, [args.input], args, flag="OUTPUT")
     lora = read_lora(args.input, family=args.family, allow_unmatched=args.allow_unmatched,
@@ -62,6 +64,9 @@ def main(args: argparse.Namespace) -> dict:
                          script=SCRIPT, args=args, inputs=[args.input], base_metadata=lora.metadata,
                          overwrite=args.overwrite, notes=notes)
     print_notes(notes, args.verbose)
+    pairs = [(a.rank, a.alpha) for a in (adapter_from_tensors(m.tensors, m.source) for m in lora.modules)]
+    if note := kohya_alpha_warning(args.to, lora.family, pairs):
+        warn(f"{out}: {note}")
     print(f"wrote {out}: {args.to} format, {written.n_tensors} tensors, {os.path.getsize(out):,} bytes")
     return summary(lora, args.to, written.n_tensors, notes)
 

@@ -30,8 +30,7 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="rank of 3x3 (k×k) convs; without it they are not extracted (sd-scripts' default)")
     p.add_argument("--lora_type", choices=("standard", "full_diff"), default="standard",
                    help="standard: low-rank pairs; full_diff: every weight's whole difference as `diff`")
-    p.add_argument("--bias_diff", action="store_true",
-                   help="also store bias differences (`diff_b`) and 1-D norm weight differences (`diff`)")
+    p.add_argument("--bias_diff", action="store_true", help="also store bias (`diff_b`) and 1-D norm weight differences")
     p.add_argument("--prefix_model", default="",
                    help="extract only keys starting with this (e.g. model.diffusion_model.); default all keys")
     p.add_argument("--prefix_lora", default=None,
@@ -58,10 +57,10 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversample", type=nonnegative_int, default=None,
                    help="extra columns of the randomized sketch (default: the rank itself, at least 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketches (per layer)")
-    p.add_argument("--load_precision", default=None, choices=("float", "fp32", "fp16", "bf16"),
-                   help="cast both models' weights to this before subtracting (sd-scripts' flag)")
-    p.add_argument("--mem_eff_safe_open", action="store_true",
-                   help="accepted for compatibility: tensors are always read one by one without mmap")
+    p.add_argument("--load_precision", choices=("float", "fp32", "fp16", "bf16"), help="cast both models before subtracting")
+    p.add_argument("--load_original_model_to", help="device the base model's tensors are read to (sd-scripts' flag; default cpu)")
+    p.add_argument("--load_tuned_model_to", help="device the tuned model's tensors are read to (sd-scripts' flag; default cpu)")
+    p.add_argument("--mem_eff_safe_open", action="store_true", help="accepted: tensors are always read one by one, no mmap")
     p.add_argument("--mmap", action="store_true", help="read tensors through safetensors' mmap instead")
     p.add_argument("--no_metadata", action="store_true",
                    help="write only what loaders need (dims, module type, PEFT config), no modelspec/provenance")
@@ -101,7 +100,8 @@ def main(args: argparse.Namespace) -> dict:
     options = options_from_args(args)
     inputs = [args.model_org, args.model_tuned]
     save_to = prepare_output(args.save_to, inputs, args)
-    with CheckpointPair(args.model_org, args.model_tuned, mmap=args.mmap) as pair:
+    with CheckpointPair(args.model_org, args.model_tuned, mmap=args.mmap,
+                        devices=(args.load_original_model_to, args.load_tuned_model_to)) as pair:
         match = pair.match(args.prefix_model)
         naming = choose_naming(pair, NamingOptions(format=args.format, family=args.family, prefix_model=args.prefix_model,
                                                    prefix_lora=args.prefix_lora, v2=args.v2, sdxl=args.sdxl))

@@ -96,11 +96,11 @@ def merge_into_lora(args, inputs: list, mode: str, device, save_to: str | None, 
     from library.lora_merge import MergeOptions, merge_and_write, plan_lora_merge
 
     save_to = prepare_output(save_to, args.models, args)
-    options = MergeOptions.from_args(args, device)
-    plan = plan_lora_merge(inputs, mode, fmt, save_to, options)
+    plan = plan_lora_merge(inputs, mode, fmt, save_to, MergeOptions.from_args(args, device))
     merged = merge_and_write(plan, describe=lambda m: print(m.component_line(plan, label), file=sys.stderr),
                              script=SCRIPT, args=args, save_precision=args.save_precision, dry_run=args.dry_run,
-                             no_metadata=args.no_metadata, overwrite=args.overwrite, label=label, file=sys.stderr)
+                             no_metadata=args.no_metadata, overwrite=args.overwrite, label=label, file=sys.stderr,
+                             default_mode=label == "merged" and args.mode is None and not args.concat)
     if merged is None:
         return {"plan": plan}
     return {"modules": merged.modules, "save_to": save_to, "plan": plan}

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from library.cli import add_common_args, run_cli
+from library.cli import add_common_args, run_cli, warn
 from library.errors import LoraToolsError
 
 
@@ -28,10 +28,16 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+    from library.diffusers_compat import kohya_alpha_warning
     from library.lora_summary import format_text, plot_summary, summarize  # torch: imported when work starts
 
     plot = _plot_destination(args)
     reports = [summarize(path, args.family) for path in args.files]
+    for report in (r for r in reports if "module_list" in r):
+        pairs = [(m["rank"], m["alpha"]) for m in report["module_list"]]
+        if note := kohya_alpha_warning(report["format"], report["family"], pairs):
+            report["warnings"] = [*report.get("warnings", []), note]
+            warn(f"{report['file']}: {note}")
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, default=str))
     else:

@@ -16,7 +16,8 @@ checkpoint (--sdxl/--v2 are accepted and checked). The plan — which LoRA modul
 is printed first; a module that matches no weight is an error unless --allow_unmatched.
 
 LoRAs into one LoRA (no --sd_model), --mode:
-  concat           exact: ranks are stacked, the result applies Σ ratioᵢ·ΔWᵢ (default)
+  concat           exact, the result applies Σ ratioᵢ·ΔWᵢ (default); rank = SUM of the inputs' ranks (2 × rank 16 →
+                   32, twice the size). sd-scripts' same-rank LoRA: --mode add, or svd_merge_lora.py --new_rank N.
   add              factor-wise weighted sum (sd-scripts' default): APPROXIMATE — the product has cross
                    terms upᵢ·downⱼ; equal ranks required; -v prints the relative error per layer.
                    Unlike sd-scripts, one LoRA merged alone keeps its strength r (sd-scripts gives r·|r|).
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from library.cli import (
     add_common_args,
@@ -66,8 +66,8 @@ def setup_parser() -> argparse.ArgumentParser:
                              "INALL, MIDD, OUTD, OUTS, OUTALL, NONE, ALL0.5, FLUXALL or your own); '-' for none")
     parser.add_argument("--lbw_presets", default=None, help="toml (NAME = \"1,0,…\") or webui lbwpresets.txt file")
     parser.add_argument("--lbw_x", type=finite_float, default=1.0, help="value of X in block-weight strings (default 1)")
-    parser.add_argument("--mode", default="concat", choices=mode_choices(FACTOR),
-                        help="LoRA+LoRA merge mode (default concat: the exact one); see above")
+    parser.add_argument("--mode", default=None, choices=mode_choices(FACTOR),
+                        help="LoRA+LoRA merge mode (default concat: exact, rank = Σ ranks); see above")
     add_lora_merge_args(parser)
     parser.add_argument("--format", default=None, choices=WRITE_FORMATS,
                         help="output LoRA format (default: that of the first input)")
@@ -109,7 +109,7 @@ def merge_into_checkpoint(args: argparse.Namespace, block_weights) -> dict:
                             save_dtype=parse_dtype(args.save_precision) if args.save_precision else None,
                             device=resolve_device(args.device), inputs=[args.sd_model, *args.models],
                             overwrite=args.overwrite, measure=True if args.verbose else None,
-                            progress=lambda keys: progress(keys, desc="merge", enabled=sys.stderr.isatty()))
+                            progress=lambda keys: progress(keys, desc="merge"))
     print_report(save_to, result, args.verbose, args.save_precision)
     return {"plan": plan, "result": result, "save_to": save_to}
 
@@ -123,10 +123,10 @@ def merge_loras(args: argparse.Namespace, block_weights) -> dict:
     inputs = lora_inputs(args.models, args.ratios, block_weights, family=args.family,
                          allow_unmatched=args.allow_unmatched)
     options = MergeOptions(args.density, args.majority_sign_method, args.seed, args.shuffle, params=method_params(args))
-    plan = plan_lora_merge(inputs, "concat" if args.concat else args.mode, args.format, save_to, options)
+    plan = plan_lora_merge(inputs, args.mode or "concat", args.format, save_to, options)  # --concat: checked in main
     merged = merge_and_write(plan, describe=lambda m: print_lora_merge(plan, m, args.verbose), script="merge_lora.py",
-                             args=args, save_precision=args.save_precision, dry_run=args.dry_run,
-                             no_metadata=args.no_metadata, overwrite=args.overwrite)
+                             args=args, save_precision=args.save_precision, dry_run=args.dry_run, overwrite=args.overwrite,
+                             no_metadata=args.no_metadata, default_mode=args.mode is None and not args.concat)
     if merged is None:  # --dry_run
         return {"plan": plan}
     return {"plan": plan, "modules": merged.modules, "reports": merged.reports, "save_to": save_to}
@@ -138,7 +138,7 @@ def main(args: argparse.Namespace) -> dict:
     from library.inputs import ratios_for
 
     ratios_for(args.ratios, args.models)  # counts checked before anything is read
-    if not args.sd_model and args.mode != "concat" and args.concat:
+    if not args.sd_model and args.mode not in (None, "concat") and args.concat:
         raise LoraToolsError(f"--concat contradicts --mode {args.mode}")
     block_weights = block_weights_for_models(args.lbws, len(args.models), presets_file=args.lbw_presets,
                                              seed=args.seed, x=args.lbw_x)

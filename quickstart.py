@@ -17,19 +17,31 @@ import torch
 
 from library.safetensors_io import save_tensors
 
-# A few real SDXL modules (kohya SGM naming) with their real shapes (out, in).
-EXAMPLE_MODULES = {
-    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640),
-    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k": (640, 640),
-    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_v": (640, 640),
-    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_out_0": (640, 640),
-    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (640, 2048),
-    "lora_unet_middle_block_1_transformer_blocks_0_ff_net_0_proj": (10240, 1280),
-    "lora_unet_output_blocks_3_1_proj_in": (640, 640),
-    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
-    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
-    "lora_te2_text_model_encoder_layers_0_mlp_fc1": (5120, 1280),
-}
+
+def _transformer_block(prefix: str, dim: int, context: int = 2048) -> dict[str, tuple[int, int]]:
+    """Every module a kohya SDXL LoRA trains in one UNet transformer block (proj_in/out, both attentions, ff)."""
+    block = f"{prefix}_transformer_blocks_0"
+    modules = {f"{prefix}_proj_in": (dim, dim), f"{prefix}_proj_out": (dim, dim)}
+    for attn, kv in (("attn1", dim), ("attn2", context)):
+        modules.update({f"{block}_{attn}_to_q": (dim, dim), f"{block}_{attn}_to_k": (dim, kv),
+                        f"{block}_{attn}_to_v": (dim, kv), f"{block}_{attn}_to_out_0": (dim, dim)})
+    modules.update({f"{block}_ff_net_0_proj": (8 * dim, dim), f"{block}_ff_net_2": (dim, 4 * dim)})
+    return modules
+
+
+def _clip_layer(prefix: str, dim: int) -> dict[str, tuple[int, int]]:
+    """Every module of one CLIP encoder layer (q/k/v/out_proj, fc1, fc2), as kohya trains them."""
+    layer = f"{prefix}_text_model_encoder_layers_0"
+    attn = {f"{layer}_self_attn_{p}_proj": (dim, dim) for p in ("q", "k", "v", "out")}
+    return {**attn, f"{layer}_mlp_fc1": (4 * dim, dim), f"{layer}_mlp_fc2": (dim, 4 * dim)}
+
+
+# Complete blocks of a default kohya SDXL LoRA with their real names and shapes (out, in): a UNet transformer
+# block at 640 and one at 1280 channels, and layer 0 of both text encoders. Complete, because loaders expect
+# what trainers write: diffusers refuses a text-encoder LoRA whose attention lacks out_proj, for one.
+EXAMPLE_MODULES = {**_transformer_block("lora_unet_input_blocks_4_1", 640),
+                   **_transformer_block("lora_unet_middle_block_1", 1280),
+                   **_clip_layer("lora_te1", 768), **_clip_layer("lora_te2", 1280)}
 
 
 def make_example_lora(path: str, rank: int, alpha: float, seed: int, modules=EXAMPLE_MODULES) -> str:
@@ -46,10 +58,13 @@ def make_example_lora(path: str, rank: int, alpha: float, seed: int, modules=EXA
 
 
 def run_script(name: str, argv: list[str]) -> None:
-    """Run a script the way a notebook would: its parser, then its main()."""
+    """Run a script the way a notebook would: library.cli.parse_args (which reads --config_file, where the
+    parser's own parse_args would not), then its main()."""
+    from library.cli import parse_args
+
     print(f"\n$ python {name}.py {' '.join(shlex.quote(a) for a in argv)}")
     module = importlib.import_module(name)
-    module.main(module.setup_parser().parse_args(argv))
+    module.main(parse_args(module.setup_parser(), argv))
 
 
 def main() -> None:

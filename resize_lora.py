@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 # Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
 from library.cli import (
@@ -25,6 +24,7 @@ from library.cli import (
     prepare_output,
     progress,
     run_cli,
+    unused_compute_flags,
     warn,
 )
 from library.lowrank_rules import check_dynamic_flags
@@ -35,9 +35,9 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="LoRA to resize (any format and family loratools reads)")
     parser.add_argument("--save_to", default=None, help="output .safetensors")
     parser.add_argument("--new_rank", type=positive_int, default=4,
-                        help="rank for Linear and 1×1 conv layers; the cap when --dynamic_method is given (default 4)")
+                        help="rank for Linear layers (convs too without --new_conv_rank); cap with --dynamic_method (default 4)")
     parser.add_argument("--new_conv_rank", type=positive_int, default=None,
-                        help="rank (or cap) for k×k conv layers (default: --new_rank)")
+                        help="rank (or cap) for conv layers, 1×1 included as sd-scripts (default: --new_rank)")
     add_dynamic_rank_args(parser, "choose the rank per layer: sv_ratio (keep σ > σ₀/p), sv_fro (keep a p share of the "
                                "Frobenius norm), sv_cumulative (keep a p share of Σσ)")
     parser.add_argument("--remove_conv_dims", action="store_true", help="drop the k×k conv (LoCon) layers")
@@ -68,6 +68,8 @@ def main(args: argparse.Namespace) -> dict:
     from library.resize_io import kept_as_they_are, layer_line, plan, resize_comment, resized_modules, summary_line, write_report
 
     check_dynamic_flags(args.dynamic_method, args.dynamic_param)
+    for note in unused_compute_flags(args, "resize", device_used=True):  # --device runs the SVDs; fp32 maths
+        warn(note)
     device = resolve_device(args.device)
     save_to = prepare_output(args.save_to, [args.model], args)
     with refusing_nonfinite():  # an SVD of NaN/inf is undefined: refuse, naming the tensors
@@ -87,7 +89,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{args.model}: {lora.family} {lora.format}, {len(kept_jobs)} layers to resize, "
               f"{len(jobs) - len(kept_jobs)} removed, {len(passthrough)} passed through")
         return {}
-    bar = progress(range(len(kept_jobs)), desc="resize", total=len(kept_jobs), enabled=sys.stderr.isatty())
+    bar = progress(range(len(kept_jobs)), desc="resize", total=len(kept_jobs))
     results = resize_layers(jobs, settings, on_done=lambda _: bar.update(1))
     bar.close()
 

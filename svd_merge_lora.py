@@ -21,7 +21,6 @@ No quantile clamp unless asked (--clamp_quantile); output alpha = rank. --ratios
 from __future__ import annotations
 
 import argparse
-import sys
 
 # Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
 from library.cli import add_common_args, add_svd_merge_args, prepare_output, progress, ratio_value, run_cli
@@ -71,7 +70,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.dry_run:
         return {"jobs": jobs}
 
-    bar = progress(range(len(jobs)), desc="svd merge", total=len(jobs), enabled=sys.stderr.isatty())
+    bar = progress(range(len(jobs)), desc="svd merge", total=len(jobs))
     results = merge_layers(jobs, settings, on_done=lambda _: bar.update(1))
     bar.close()
 

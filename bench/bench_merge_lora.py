@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 
@@ -145,6 +146,24 @@ def check_output(base: str, out: str, loras: list[str]) -> dict:
     return {"untouched_bit_identical": same, "to_q_max_err_in_fp16_ulps": round(ulps, 3)}
 
 
+# At the peak the folder holds the checkpoint, the merged output and the second plain copy (the LoRAs are
+# small): three times the checkpoint (~21 GB for the full SDXL one), plus this margin.
+SPACE_MARGIN = 256 * 2**20
+
+
+def needed_bytes(specs: dict) -> int:
+    return 3 * sum(math.prod(shape) * 2 for shape in specs.values()) + SPACE_MARGIN  # fp16: 2 bytes a value
+
+
+def check_free_space(folder: str, specs: dict) -> None:
+    """Stop before writing anything when `folder` cannot hold what the benchmark writes at its peak."""
+    needed, free = needed_bytes(specs), shutil.disk_usage(folder).free
+    if free < needed:
+        raise SystemExit(f"bench_merge_lora: {folder} has {free / 2**30:.1f} GiB free but the benchmark writes up to "
+                         f"{needed / 2**30:.1f} GiB (checkpoint, merged output and a plain copy); pass --folder "
+                         "on a larger disk, or --quick")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", default=tempfile.gettempdir())
@@ -152,6 +171,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     args = parser.parse_args()
+    check_free_space(args.folder, checkpoint_specs(args.quick))
     work = tempfile.mkdtemp(prefix="bench_merge_lora_", dir=args.folder)
     base, copy, out = (os.path.join(work, n) for n in ("sdxl.safetensors", "copy.safetensors", "merged.safetensors"))
     try:

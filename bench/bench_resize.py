@@ -13,7 +13,7 @@ layer takes minutes on a 2-core CPU, so the dense side runs on `--dense_samples`
 output). Ours runs on every layer. On the sampled layers the chosen ranks must be identical and the kept
 singular values (recomputed from the factors we output) equal to the dense ones within 1e-4·σ₀.
 
-    python -m bench.bench_resize [--cases sdxl-fixed,sdxl-svfro,flux-fixed] [--dense_samples 1]
+    python -m bench.bench_resize [--cases sdxl-fixed,sdxl-svfro,flux-fixed] [--dense_samples 1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -135,7 +135,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--dense_samples", type=int, default=1, help="dense SVDs timed per distinct layer shape")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (default 1: with 2 OpenMP threads on a loaded 2-core VM the "
+                             "batched QRs stall, which made ours 2.4x slower and the ratios of the cases incomparable)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     for case in args.cases.split(","):
         modules_fn, rank, alpha, settings = CASES[case]
         report("bench_resize", run_case(case, modules_fn(), rank, alpha, ResizeSettings(**settings), args.dense_samples))

@@ -212,9 +212,60 @@ def run_case(case: str, folder: str, rank: int, per_shape: int) -> dict:
     return figures
 
 
+def run_ties(rank: int, per_shape: int, density: float = 0.5) -> dict:
+    """`--mode ties` of three SDXL LoRAs (UNet attention + both text encoders): the dense delta-space merge per
+    layer, timed on `per_shape` layers of each distinct shape and scaled by the layer counts. "topk" is the
+    magnitude selection PEFT uses (the one we had: over 900 s for such a merge), "ours" is
+    merge_methods.magnitude_mask; both in this process, same layers, same masks up to ties."""
+    import time
+
+    from library import merge_methods
+    from library.svd_merge import LayerJob, MergeSettings, merge_layers
+    from networks import adapter_from_tensors
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    modules = sdxl_modules("attention")
+    shapes = {m.name: m.shape for m in modules}
+    chosen = sample(shapes, per_shape)
+    loras = [make_lora([m for m in modules if m.name in chosen], rank, alpha=16.0, seed=200 + i) for i in range(3)]
+    jobs = [LayerJob(name, shapes[name], [(i, adapter_from_tensors(
+        {s: lora[f"{name}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha")}, name), 1.0)
+        for i, lora in enumerate(loras)]) for name in chosen]
+
+    def topk_mask(tensor, d):  # PEFT's magnitude_based_pruning
+        k = int(d * tensor.numel())
+        mask = torch.zeros(tensor.numel(), dtype=torch.bool)
+        mask[tensor.abs().reshape(-1).topk(k).indices] = True
+        return mask.reshape(tensor.shape)
+
+    timings = {}
+    for label, mask_fn in (("topk", topk_mask), ("ours", merge_methods.magnitude_mask)):
+        saved, merge_methods.magnitude_mask = merge_methods.magnitude_mask, mask_fn
+        per_layer: dict[str, float] = {}
+        last = [time.perf_counter()]
+
+        def done(layer, per_layer=per_layer, last=last):
+            now = time.perf_counter()
+            per_layer[layer.name], last[0] = now - last[0], now
+
+        try:
+            merge_layers(jobs, MergeSettings(mode="ties", density=density, new_rank=rank), on_done=done)
+        finally:
+            merge_methods.magnitude_mask = saved
+        by_shape: dict[tuple, list[float]] = {}
+        for name, seconds in per_layer.items():
+            by_shape.setdefault(shapes[name], []).append(seconds)
+        counts = Counter(shapes.values())
+        timings[label] = sum(counts[s] * sum(t) / len(t) for s, t in by_shape.items())
+    return {"modules": len(shapes), "timed_modules": len(chosen), "density": density,
+            "topk_full_estimate_s": round(timings["topk"], 1), "ours_full_estimate_s": round(timings["ours"], 1),
+            "speedup": round(timings["topk"] / timings["ours"], 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=("sdxl", "flux", "both"), default="both")
+    parser.add_argument("--case", choices=("sdxl", "flux", "both", "ties"), default="both",
+                        help="ties: --mode ties of three SDXL LoRAs, PEFT's topk selection against ours (in process)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--per_shape", type=int, default=2, help="dense-SVD modules timed per distinct shape")
     parser.add_argument("--folder", default=None, help="where to write the fixture files (default: a temp folder)")
@@ -224,6 +275,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["BENCH_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if args.case == "ties":
+        report(f"svd_merge ties 3 x SDXL rank {args.rank} -> {args.rank}", run_ties(args.rank, args.per_shape))
+        return
     cases = ("sdxl", "flux") if args.case == "both" else (args.case,)
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         for case in cases:

@@ -230,9 +230,19 @@ def add_svd_merge_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_metadata", action="store_true", help="write only the metadata a loader needs")
 
 
+def add_version(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--version`: prints "<script> <loratools version>" (idempotent; parse_args adds it to every parser)."""
+    if "--version" not in parser._option_string_actions:
+        from library import __version__
+
+        parser.add_argument("--version", action="version", version=f"%(prog)s (loratools) {__version__}")
+    return parser
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, device: bool = True,
                     precision: bool = True, save_default: str = "that of the input") -> argparse.ArgumentParser:
     one_line_errors(parser)
+    add_version(parser)
     group = parser.add_argument_group("common options")
     if device:
         group.add_argument("--device", default="auto",
@@ -253,8 +263,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, writes: bool = True, dev
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags, taking defaults from `--config_file` when one is given, so the command line wins."""
+    """Parse flags, taking defaults from `--config_file` when one is given, so the command line wins.
+
+    This, not `parser.parse_args`, is the call for notebooks: argparse alone ignores --config_file."""
     one_line_errors(parser)
+    add_version(parser)
     known, _ = parser.parse_known_args(argv)
     config_path = getattr(known, "config_file", None)
     if config_path:
@@ -340,6 +353,26 @@ def compute_dtype(args: argparse.Namespace):
     return dtype
 
 
+def unused_compute_flags(args: argparse.Namespace, what: str, *, device_used: bool) -> list[str]:
+    """Warnings for --precision / --device values a run does not use, so that no flag is silently ignored.
+
+    `what` names the work ("a LoRA+LoRA merge", "resize"). Its QR/SVD and factor sums always run in float32
+    (float64 for small cores): fp16/bf16 have no CPU kernels for them and would only round more, so a
+    --precision other than fp32 is said to be unused (--save_precision sets the stored dtype). `device_used`
+    False: the work runs on the CPU, so an explicit --device/--working_device other than cpu/auto is named."""
+    notes = []
+    precision = getattr(args, "precision", None)
+    if precision not in (None, "float", "fp32"):
+        notes.append(f"--precision {precision} is not used by {what}: its maths runs in float32 (no rounding beyond "
+                     "the inputs'); --save_precision sets the dtype written")
+    device = getattr(args, "device", None) or getattr(args, "working_device", None)
+    if not device_used and device not in (None, "auto", "cpu"):
+        notes.append(f"--device {device} is not used by {what}: stacking and summing small factors is done on the "
+                     "CPU (moving them to the GPU costs more); it is used when merging into a checkpoint and by the "
+                     "delta-space (svd) modes")
+    return notes
+
+
 # ---- outputs ---------------------------------------------------------------------------------------------
 
 def prepare_output(path: str | None, inputs: Iterable[str], args: argparse.Namespace, flag: str = "--save_to",
@@ -355,10 +388,25 @@ def prepare_output(path: str | None, inputs: Iterable[str], args: argparse.Names
             raise LoraToolsError(f"{flag} is required")
     else:
         if not path.endswith(".safetensors"):
-            raise LoraToolsError(f"{flag} must end in .safetensors (we only write safetensors)", file=path)
+            raise LoraToolsError(not_safetensors_message(path, flag), file=path)
         checked = Destination(path, inputs, overwrite, flag=flag, other_outputs=other_outputs).check()
     side_outputs(args, inputs, {**(other_outputs or {}), flag: path})
     return checked
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def not_safetensors_message(path: str, flag: str) -> str:
+    """Why an output must be .safetensors, and the name to use instead (sd-scripts also writes .ckpt/.pt)."""
+    stem, suffix = os.path.splitext(path)
+    instead = f"{stem if suffix.lower() in PICKLE_SUFFIXES else path}.safetensors"
+    if suffix.lower() in PICKLE_SUFFIXES:
+        return (f"{flag} must end in .safetensors: we write safetensors only. A {suffix} file is a pickle, "
+                "which can run code when it "
+                "is loaded; every tool that reads .ckpt (A1111, ComfyUI, diffusers, sd-scripts, kohya_ss) reads "
+                f".safetensors too, so use {flag} {instead}")
+    return f"{flag} must end in .safetensors (we only write safetensors): use {instead}"
 
 
 def side_outputs(args: argparse.Namespace, inputs: Iterable[str], outputs: Mapping[str, str | None]) -> dict[str, Destination]:
@@ -379,12 +427,88 @@ def check_counts(values: Sequence | None, models: Sequence, flag: str) -> None:
         raise LoraToolsError(f"{flag} has {len(values)} values but {len(models)} models were given")
 
 
-def progress(iterable, *, desc: str, total: int | None = None, enabled: bool = True):
-    """A tqdm progress bar on stderr (so stdout stays clean for --json and pipelines)."""
-    from tqdm import tqdm
+def progress(iterable=None, *, desc: str, total: int | None = None, enabled: bool = True,
+             interval: float | None = None):
+    """Progress on stderr (stdout stays clean for --json and pipelines), in the form the reader expects:
+    a tqdm.auto bar in a terminal and in Jupyter/Colab (a widget there, whose stderr is no terminal), and in a
+    log file or pipe plain lines ("desc: 120/788 (15%), 42 s") at most every `interval` seconds
+    (LORATOOLS_PROGRESS_INTERVAL, default 15) and a last one if any was printed, never a `\r` redraw. Returns an iterable with
+    tqdm's update() and close()."""
+    if enabled and not in_notebook() and not _isatty(sys.stderr):
+        if interval is None:
+            interval = float(os.environ.get("LORATOOLS_PROGRESS_INTERVAL", "15"))
+        return PlainProgress(iterable, desc=desc, total=total, interval=interval)
+    from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
                 leave=False)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter/Colab kernel (where tqdm.auto draws a widget)."""
+    shell = sys.modules.get("IPython")
+    get_ipython = getattr(shell, "get_ipython", None)
+    try:
+        return get_ipython is not None and get_ipython() is not None and "IPKernelApp" in get_ipython().config
+    except Exception:  # an odd IPython must never break a run
+        return False
+
+
+class PlainProgress:
+    """tqdm's small surface (iteration, update, close, context manager) as plain, periodic lines."""
+
+    def __init__(self, iterable=None, *, desc: str, total: int | None = None, interval: float = 15.0,
+                 file=None):
+        import time
+
+        self._clock = time.monotonic
+        self.iterable, self.desc, self.interval, self.file = iterable, desc, interval, file or sys.stderr
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.n, self.closed, self.printed = total, 0, False, 0
+        self.start = self._last = self._clock()
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self._clock()
+        if now - self._last >= self.interval and (self.total is None or self.n < self.total):
+            self._last = now
+            self._line(now)
+
+    def close(self) -> None:
+        # A run shorter than one interval says nothing (a log needs no bar for a 2-second resize); a longer one
+        # ends with its total.
+        if not self.closed:
+            self.closed = True
+            if self.printed:
+                self._line(self._clock(), done=True)
+
+    def _line(self, now: float, done: bool = False) -> None:
+        self.printed += 1
+        count = f"{self.n}/{self.total} ({100 * self.n // self.total}%)" if self.total else f"{self.n}"
+        print(f"{self.desc}: {count}, {now - self.start:.0f} s{' (done)' if done else ''}", file=self.file,
+              flush=True)
 
 
 def run_cli(setup_parser: Callable[[], argparse.ArgumentParser], main: Callable[[argparse.Namespace], object],

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from library.cli import unused_compute_flags
 from library.console import warn
 from library.errors import LoraToolsError
-from library.lora_combine import Group, LayerReport, combine, concat_elements, group_targets
+from library.lora_combine import Group, LayerReport, combine, concat_elements, concat_rank, group_targets
 from library.lora_output import output_dtype, output_format, write_lora
 from library.merge_plan import LoraInput
 from library.metadata import title_of
@@ -90,6 +91,29 @@ def size_warning(plan: LoraMergePlan, save_precision: str | None = None) -> str 
     return (f"the concat output will be about {_mb(out_bytes)}, {out_bytes / max(in_bytes, 1):.0f}× its inputs "
             f"({_mb(in_bytes)}): concat stacks every rank and writes dense deltas where no smaller exact form "
             f"exists; svd_merge_lora.py --new_rank N gives a LoRA of the rank you choose")
+
+
+def concat_notice(plan: LoraMergePlan, save_precision: str | None = None) -> str | None:
+    """The line a default concat prints: what it does to rank and size, and the flag for a same-rank LoRA.
+
+    sd-scripts' merge_lora.py writes a LoRA of its inputs' rank by default; our default is the exact concat,
+    whose rank is the sum of the inputs' ranks (and whose file grows with it), which a pipeline that
+    expects the former has to hear about."""
+    if plan.mode != "concat" or len(plan.inputs) < 2:
+        return None
+    top = [0] * len(plan.inputs)  # each input's largest rank
+    for term in (t for g in plan.groups for t in g.terms):
+        top[term.slot] = max(top[term.slot], int(term.adapter.rank or 0))
+    in_ranks = "+".join(str(r) for r in top)
+    out = [r for r in (concat_rank(g) for g in plan.groups) if r is not None]
+    out_ranks = f"{min(out)}" if out and min(out) == max(out) else f"{min(out, default=0)}..{max(out, default=0)}"
+    itemsize = output_dtype((i.lora for i in plan.inputs), save_precision).itemsize
+    out_bytes = sum(concat_elements(g) for g in plan.groups) * itemsize
+    in_bytes = sum(os.path.getsize(i.path) for i in plan.inputs if os.path.isfile(i.path))
+    return (f"--mode concat (the default) is exact but stacks the ranks: input ranks {in_ranks} -> output rank "
+            f"{out_ranks}, about {_mb(out_bytes)} for {_mb(in_bytes)} of inputs. For a LoRA of the inputs' rank, as "
+            f"sd-scripts' merge_lora.py writes, pass --mode add (approximate, equal ranks) or use svd_merge_lora.py "
+            f"--new_rank N (the optimal truncation); --mode concat says you chose this")
 
 
 def _mb(n: int) -> str:
@@ -175,13 +199,19 @@ def write_merged(plan: LoraMergePlan, merged: MergedLora, *, script: str, args: 
 
 def merge_and_write(plan: LoraMergePlan, *, describe: Callable[[MergedLora], None], script: str, args: object,
                     save_precision: str | None, dry_run: bool = False, no_metadata: bool = False,
-                    overwrite: bool = False, label: str = "", file: TextIO | None = None) -> MergedLora | None:
+                    overwrite: bool = False, label: str = "", file: TextIO | None = None,
+                    default_mode: bool = False) -> MergedLora | None:
     """What merge_lora.py and flux_merge_lora.py do with a LoRA+LoRA plan: warn before any maths when the
     output would dwarf its inputs, print the plan and stop on --dry_run (None), else merge, let the script
-    `describe` the result, write it and say where. Messages go to `file` (stdout by default)."""
+    `describe` the result, write it and say where. Messages go to `file` (stdout by default). `default_mode`:
+    the mode was not asked for, so a concat says what it does to rank and size (concat_notice)."""
     file = file or sys.stdout
     if big := size_warning(plan, save_precision):
         warn(big)
+    elif default_mode and (notice := concat_notice(plan, save_precision)):
+        warn(notice)
+    for note in unused_compute_flags(args, "a LoRA+LoRA merge", device_used=plan.space == DELTA):
+        warn(note)
     if dry_run:
         print(f"{label}{', ' if label else ''}dry run, nothing written:\n  " + "\n  ".join(plan.lines()), file=file)
         return None

@@ -87,18 +87,45 @@ def factored_svd(ups: Sequence[torch.Tensor] | torch.Tensor, downs: Sequence[tor
     """
     if isinstance(ups, torch.Tensor):
         ups, downs = [ups], [downs]
-    big_up, big_down = stack_factors(ups, downs, weights, dtype)
+    return factored_svd_parts(*stack_factors(ups, downs, weights, dtype), dtype=dtype).full()
+
+
+@dataclass
+class RotatedSVD:
+    """A factored SVD kept as U = q_up·cu, Vh = cvh·q_downᵀ (S in `dtype`), so that a caller who keeps k of the R
+    directions forms only k singular vectors: the rotations cost out·R·k instead of out·R² (a resize to 32 of
+    a rank-128 file, or a dynamic rule keeping 7, needs a fraction of them)."""
+
+    q_up: torch.Tensor  # [..., out, R]
+    cu: torch.Tensor  # [..., R, R'] float64
+    S: torch.Tensor  # [..., R']
+    cvh: torch.Tensor  # [..., R', R] float64
+    q_down: torch.Tensor  # [..., in, R]
+
+    def leading(self, k: int, index=...) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U[:, :k], Vh[:k]) of batch entry `index` (all entries with the default)."""
+        q_up, cu, cvh, q_down = self.q_up[index], self.cu[index], self.cvh[index], self.q_down[index]
+        U = q_up @ cu[..., :k].to(q_up.dtype)
+        Vh = cvh[..., :k, :].to(q_down.dtype) @ q_down.transpose(-1, -2)
+        return U, Vh
+
+    def full(self) -> SVDResult:
+        U, Vh = self.leading(self.S.shape[-1])
+        return SVDResult(U, self.S, Vh)
+
+
+def factored_svd_parts(big_up: torch.Tensor, big_down: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> RotatedSVD:
+    """`factored_svd` of stacked factors big_up [..., out, R] @ big_down [..., R, in], before the rotations."""
     out_dim, rank, in_dim = big_up.shape[-2], big_up.shape[-1], big_down.shape[-1]
     if rank >= min(out_dim, in_dim):
         U, S, Vh = torch.linalg.svd(big_up @ big_down, full_matrices=False)
-        return SVDResult(U, S, Vh)
+        eye = torch.eye(S.shape[-1], dtype=torch.float64, device=S.device).expand(*S.shape, S.shape[-1])
+        return RotatedSVD(U, eye, S, eye, Vh.transpose(-1, -2))
     q_up, r_up = torch.linalg.qr(big_up)  # [.., out, R], [.., R, R]
     q_down, r_down = torch.linalg.qr(big_down.transpose(-1, -2))  # [.., in, R], [.., R, R]
     core = r_up.double() @ r_down.double().transpose(-1, -2)
     cu, S, cvh = torch.linalg.svd(core, full_matrices=False)
-    U = q_up @ cu.to(dtype)
-    Vh = cvh.to(dtype) @ q_down.transpose(-1, -2)
-    return SVDResult(U, S.to(dtype), Vh)
+    return RotatedSVD(q_up, cu, S.to(dtype), cvh, q_down)
 
 
 def lowrank_fro_norm_sq(ups: Sequence[torch.Tensor] | torch.Tensor, downs: Sequence[torch.Tensor] | torch.Tensor,

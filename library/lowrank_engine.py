@@ -4,7 +4,7 @@ A `LowRankJob` is neutral: a target name, the target weight's shape, and either 
 with `.factors()` → (up [out, r], down [r, in·k·k]) and `.rank`, each with a weight) or a dense delta;
 plus a rank cap, a rank rule and the output scale. Two routes:
 
-- "factored": Σ wᵢ·upᵢ@downᵢ through `lowrank.factored_svd` (QR of the stacked factors + SVD of the
+- "factored": Σ wᵢ·upᵢ@downᵢ through `lowrank.factored_svd_parts` (QR of the stacked factors + SVD of the
   R×R core), batched over jobs of equal (out, in·k·k, R). The whole spectrum is exact, so the error
   is the exact tail (or, after a clamp, the exact norm of the stacked difference).
 - "dense/randomized" (default for dense jobs) or "dense/exact" (asked for, or sv_cumulative, which needs
@@ -30,7 +30,7 @@ from library.lowrank import (
     SVDResult,
     clamp_quantile,
     dense_sq_norm,
-    factored_svd,
+    factored_svd_parts,
     generator_for,
     lowrank_fro_norm_sq,
     randomized_svd,
@@ -225,7 +225,7 @@ def run_factored_batch(batch: list[LowRankJob], settings: EngineSettings) -> lis
     big_up, big_down = _fill_batch(batch, settings.dtype)
     big_up, big_down = big_up.to(settings.device), big_down.to(settings.device)
     try:
-        svd = factored_svd(big_up, big_down, dtype=settings.dtype)
+        svd = factored_svd_parts(big_up, big_down, dtype=settings.dtype)
     except torch.linalg.LinAlgError:
         _refuse_nonfinite(batch, big_up, big_down)
         raise
@@ -236,7 +236,7 @@ def run_factored_batch(batch: list[LowRankJob], settings: EngineSettings) -> lis
         _refuse_nonfinite(batch, big_up, big_down)
         raise LoraToolsError("the SVD of this layer overflowed (its values are too large for the compute dtype)",
                              key=batch[int((~finite).nonzero()[0, 0])].name)
-    return [_truncated(job, svd.U[i], svd.S[i], svd.Vh[i], big_up[i], big_down[i], settings)
+    return [_truncated(job, svd.S[i], lambda k, i=i: svd.leading(k, i), big_up[i], big_down[i], settings)
             for i, job in enumerate(batch)]
 
 
@@ -245,17 +245,19 @@ def run_given_svd(job: LowRankJob, settings: EngineSettings) -> LayerResult:
     svd = job.svd()
     if not bool(torch.isfinite(svd.S).all()):
         raise LoraToolsError(NONFINITE_MESSAGE, key=job.name)
-    return _truncated(job, svd.U, svd.S, svd.Vh, svd.U * svd.S.unsqueeze(-2), svd.Vh, settings)
+    return _truncated(job, svd.S, lambda k: (svd.U[:, :k], svd.Vh[:k]), svd.U * svd.S.unsqueeze(-2), svd.Vh,
+                      settings)
 
 
-def _truncated(job: LowRankJob, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, exact_up: torch.Tensor,
-               exact_down: torch.Tensor, settings: EngineSettings) -> LayerResult:
-    """One layer's LoRA from the exact SVD of its matrix M = exact_up @ exact_down (the whole spectrum:
-    Σσ² is the exact ‖M‖_F²)."""
+def _truncated(job: LowRankJob, S: torch.Tensor, leading, exact_up: torch.Tensor, exact_down: torch.Tensor,
+               settings: EngineSettings) -> LayerResult:
+    """One layer's LoRA from the exact SVD of its matrix M = exact_up @ exact_down: S is the whole spectrum
+    (Σσ² is the exact ‖M‖_F²), `leading(k)` forms only the k kept singular vectors (lowrank.RotatedSVD: a
+    dynamic rule often keeps few of R)."""
     total = float(S.double().square().sum())
     k = select_rank(S, job.method, job.param, max_rank=job.max_rank, total_energy=total, input_rank=job.input_rank)
-    up, down, alpha = svd_to_lora(U[:, :k], S[:k], Vh[:k], job.shape, scale=job.scale,
-                                  alpha_dtype=settings.alpha_dtype)
+    U_k, Vh_k = leading(k)
+    up, down, alpha = svd_to_lora(U_k, S[:k], Vh_k, job.shape, scale=job.scale, alpha_dtype=settings.alpha_dtype)
     # The tail is the exact error (total − kept would cancel badly near full rank).
     error_sq = float(S[k:].double().square().sum())
     if settings.clamp_quantile is not None or settings.factor_dtype is not None:

@@ -25,7 +25,7 @@ import torch
 
 from library.errors import LoraToolsError
 from library.exact_lowrank import exact_rank, lowrank_parts
-from library.lowrank import check_rank_settings, is_conv_kernel, rank_cap
+from library.lowrank import check_rank_settings, is_conv_kernel
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_jobs, summarize
 from networks.base import Adapter
 
@@ -35,7 +35,7 @@ __all__ = ["ResizeJob", "ResizeSettings", "is_removed", "resize_layers", "summar
 @dataclass
 class ResizeSettings:
     new_rank: int = 4
-    new_conv_rank: int | None = None  # k×k convs; None = new_rank (sd-scripts)
+    new_conv_rank: int | None = None  # every conv, 1×1 included (sd-scripts' resize); None = new_rank
     dynamic_method: str | None = None
     dynamic_param: float | None = None
     remove_conv: bool = False  # drop k×k conv modules from the output
@@ -71,10 +71,18 @@ def is_removed(job: ResizeJob, settings: ResizeSettings) -> bool:
     return (settings.remove_conv and conv) or (settings.remove_linear and not conv)
 
 
+def resize_rank_cap(shape: Sequence[int], settings: ResizeSettings) -> int:
+    """The rank (or cap) of one layer: `new_conv_rank` for every conv module, 1×1 ones included, as sd-scripts'
+    resize_lora.py gives it to every 4-D module (svd_merge and extract give it to k×k convs only, as theirs)."""
+    if len(shape) == 4 and settings.new_conv_rank is not None:
+        return settings.new_conv_rank
+    return settings.new_rank
+
+
 def factored_part(job: ResizeJob, settings: ResizeSettings) -> object | None:
     """The engine part of a LoRA/LoCon/Tucker module, or a LoHa/LoKr's exact factors when that is the cheaper
     route (library.exact_lowrank decides); None for the dense route."""
-    parts = lowrank_parts([job.adapter], tuple(job.shape), rank_cap(job.shape, settings))
+    parts = lowrank_parts([job.adapter], tuple(job.shape), resize_rank_cap(job.shape, settings))
     return None if parts is None else parts[0]
 
 
@@ -107,7 +115,7 @@ def resize_layers(jobs: Sequence[ResizeJob], settings: ResizeSettings,
 
 def engine_job(job: ResizeJob, settings: ResizeSettings) -> LowRankJob:
     adapter = job.adapter
-    common = dict(name=job.name, shape=tuple(job.shape), max_rank=rank_cap(job.shape, settings),
+    common = dict(name=job.name, shape=tuple(job.shape), max_rank=resize_rank_cap(job.shape, settings),
                   method=settings.dynamic_method, param=settings.dynamic_param, rank_in=adapter.rank)
     part = factored_part(job, settings)
     if part is not None and adapter.kind == "lora":

@@ -10,8 +10,7 @@ import torch
 
 from library.errors import LoraToolsError
 from library.exact_lowrank import exact_rank
-from library.lowrank import rank_cap
-from library.resize import ResizeJob, ResizeSettings, is_removed
+from library.resize import ResizeJob, ResizeSettings, is_removed, resize_rank_cap
 from library.safetensors_io import open_checkpoint
 from networks import adapter_from_tensors
 
@@ -55,7 +54,7 @@ def kept_as_they_are(jobs: Sequence[ResizeJob], settings: ResizeSettings) -> str
         return None  # a dynamic rule may still lower them: the cap is only a cap
     kept = [job for job in jobs if not is_removed(job, settings)]
     # The rank of the delta (LoHa/LoKr: r₁·r₂ of their exact form), not the stored factors' dim.
-    low = [job for job in kept if exact_rank(job.adapter) and exact_rank(job.adapter) <= rank_cap(job.shape, settings)]
+    low = [job for job in kept if exact_rank(job.adapter) and exact_rank(job.adapter) <= resize_rank_cap(job.shape, settings)]
     if not low:
         return None
     ranks = sorted({int(exact_rank(job.adapter)) for job in low})

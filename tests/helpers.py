@@ -21,7 +21,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = Path(ROOT) / ".." / "shared"
+# ../shared beside the checkout (reference tables, real files by others); LORATOOLS_SHARED points elsewhere, e.g.
+# at an empty folder to check that every test needing it skips instead of failing without it.
+SHARED = Path(os.environ.get("LORATOOLS_SHARED") or Path(ROOT) / ".." / "shared")
 SHARED_DATA = str(SHARED / "data")
 SHAPES = SHARED / "reference" / "shapes"
 
@@ -138,7 +140,7 @@ def table(name: str) -> list[list[str]]:
     """The columns of every line of reference shape list `name` (header included)."""
     path = SHAPES / f"{name}.tsv"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the reference shape tables are needed to build fixtures")
+        pytest.skip(f"{path} not found: the reference shape tables are needed to build this fixture")
     return [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

@@ -11,10 +11,10 @@ import torch
 import convert_lora
 from library.formats import read_lora
 from library.safetensors_io import load_tensors, save_tensors
-from tests.helpers import ai_toolkit_single_block
+from tests.helpers import SHARED_DATA, ai_toolkit_single_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LORAS = os.path.join(ROOT, "..", "shared", "data", "real-loras")
+LORAS = os.path.join(SHARED_DATA, "real-loras")
 
 
 def run(argv, capsys):

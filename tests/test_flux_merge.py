@@ -18,6 +18,7 @@ from library.formats import read_lora
 from library.lora_output import output_dtype
 from library.lora_output import write_lora as write_through_writer
 from library.safetensors_io import load_tensors, save_tensors
+from tests.helpers import SHARED_DATA
 
 H = 3072
 R = 16
@@ -333,8 +334,8 @@ def test_text_encoder_parts_are_kept(tmp_path):
 
 
 def test_other_family_is_a_clear_error(tmp_path):
-    sd = "../shared/data/real-loras/timohavdk_sd-lora__new.safetensors"
-    here = os.path.join(os.path.dirname(__file__), "..", sd)
+    sd = "real-loras/timohavdk_sd-lora__new.safetensors"
+    here = os.path.join(SHARED_DATA, sd)
     if not os.path.exists(here):
         pytest.skip(f"real LoRA {sd} absent")
     with pytest.raises(LoraToolsError, match="not FLUX.1|not a FLUX.1 LoRA"):

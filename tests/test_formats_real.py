@@ -12,9 +12,9 @@ from library.errors import LoraToolsError
 from library.formats import detect_lora, lora_from_tensors, lora_tensors, read_lora
 from library.formats.match import detect
 from library.safetensors_io import load_tensors
-from tests.helpers import assert_same_deltas, probe_deltas
+from tests.helpers import SHARED_DATA, assert_same_deltas, probe_deltas
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+DATA = SHARED_DATA
 LORAS = os.path.join(DATA, "real-loras")
 KEYMAPS = os.path.join(DATA, "real-keymaps")
 needs_data = pytest.mark.skipif(not os.path.isdir(LORAS), reason=f"real files not found at {LORAS}")

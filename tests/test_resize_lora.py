@@ -348,9 +348,9 @@ def test_script_real_lokr_file(tmp_path):
     import os
 
     from library.safetensors_io import load_tensors, save_tensors
+    from tests.helpers import SHARED_DATA
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real-loras",
-                        "LyCORIS__smart_falcon_4_lokr.safetensors")
+    path = os.path.join(SHARED_DATA, "real-loras", "LyCORIS__smart_falcon_4_lokr.safetensors")
     if not os.path.exists(path):
         pytest.skip(f"real LoKr file absent: {path}")
     # A slice of the real file (its names, shapes and metadata; a 3×3 conv, UNet and text-encoder attention).

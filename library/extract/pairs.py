@@ -52,7 +52,13 @@ class CheckpointPair:
     (No generator over pairs: a generator frame would keep the last pair alive while the caller works.)
     """
 
-    def __init__(self, base_path: str, tuned_path: str, *, mmap: bool = False):
+    def __init__(self, base_path: str, tuned_path: str, *, mmap: bool = False,
+                 devices: tuple[str | None, str | None] = (None, None)):
+        from library.cli import resolve_device
+
+        # sd-scripts' --load_original_model_to / --load_tuned_model_to: where each model's tensors are read to
+        # (None = host memory); the difference is then taken on the compute device, as before.
+        self.devices = tuple(None if d is None else resolve_device(d) for d in devices)
         self.base_path = os.fspath(base_path)
         self.tuned_path = os.fspath(tuned_path)
         self.mmap = mmap
@@ -109,5 +115,7 @@ class CheckpointPair:
 
     def read(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mmap:  # the old path, kept for comparison (`--mmap`)
-            return self.base.get(key), self.tuned.get(key)
-        return self.base.read(key), self.tuned.read(key)
+            pair = self.base.get(key), self.tuned.get(key)
+        else:
+            pair = self.base.read(key), self.tuned.read(key)
+        return tuple(t if d is None or d.type == "cpu" else t.to(d) for t, d in zip(pair, self.devices))

@@ -10,6 +10,7 @@ import torch
 
 from library.checks import NonFiniteTracker
 from library.errors import LoraToolsError
+from library.formats import cloneofsimo
 from library.formats.family import Family
 from library.formats.match import FileMatch, detect, format_of
 from library.formats.peft_alpha import PeftAlphas
@@ -49,12 +50,15 @@ def lora_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
                       family: str | None = None, allow_unmatched: bool = False, path: str = "", *,
                       fix_split_qkv_alpha: bool = False) -> LoraFile:
     metadata = dict(metadata or {})
+    cloneofsimo_file = cloneofsimo.is_cloneofsimo(tensors)
+    if cloneofsimo_file:  # lora_diffusion's `<model>:<i>:up` files: no names, rebuilt from the layer order
+        tensors = cloneofsimo.as_kohya(tensors, metadata, path or None)
     fm = detect({k: tuple(v.shape) for k, v in tensors.items()}, metadata, family, path or None)
     if fm.unmatched and not allow_unmatched:
         raise LoraToolsError(unmatched_message(fm.unmatched) + f" (detected family {fm.family.name})", file=path or None)
     if not fm.matches:
         raise LoraToolsError(f"no module of this file fits the {fm.family.name} family", file=path or None)
-    fmt = format_of(fm, list(tensors))
+    fmt = "cloneofsimo" if cloneofsimo_file else format_of(fm, list(tensors))
     modules = _modules(fm, tensors, PeftAlphas(metadata, path or None), path)
     notes = split_qkv_alpha(modules, fm.family, metadata, fix_split_qkv_alpha)
     return LoraFile(path, fm.family.name, fmt, modules, metadata, list(fm.unmatched), notes)
