@@ -18,6 +18,7 @@ SCRIPTS = [
     "svd_merge_lora.py",
     "resize_lora.py",
     "extract_lora_from_models.py",
+    "wan22_merge_lora.py",
 ]
 
 PROBE = (

@@ -137,6 +137,17 @@ def _hinted(metadata: Mapping[str, str], family: Family) -> bool:
     return any(h in text for h in family.hints)
 
 
+def _common_parent(tied: list[FileMatch]) -> FileMatch | None:
+    """The one tied family every other tied one derives from (FLUX.1 among FLUX.1, Chroma, FLUX.1 Fill): its
+    modules fit the parent as well as the derivative, and the parent's LoRAs apply to the derivative's
+    checkpoints (library.formats.variants), so nothing is guessed that a merge could get wrong."""
+    names = {r.family.name for r in tied}
+    for r in tied:
+        if all(o is r or o.family.parent == r.family.name for o in tied) and r.family.name in names:
+            return r
+    return None
+
+
 def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None,
            family: str | None = None, path: str | None = None) -> FileMatch:
     """Match a file against the given family or every known one (see module docstring)."""
@@ -160,6 +171,9 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
         hinted = [r for r in top if _hinted(metadata, r.family)]
         if len(hinted) == 1:
             return hinted[0]
+        parent = _common_parent(hinted or top)
+        if parent is not None:
+            return parent
         names = ", ".join(r.family.name for r in top)
         raise AmbiguousFamilyError(f"ambiguous model family: the modules fit {names} equally well; "
                                    f"say which with --family", file=path)
