@@ -140,6 +140,9 @@ class Family:
     # checkpoints of the same module table that people name apart (FLUX.1 Kontext, Qwen-Image-Edit): name ->
     # regular expression over the metadata's model names; only reported (LoraFile.variant), never guessed
     variants: tuple[tuple[str, str], ...] = ()
+    # families that win an unhinted tie with this one, being far more common (HunyuanVideo defers to FLUX.1,
+    # whose names and widths it shares); unlike `parent`, their LoRAs do not apply to this family's checkpoints
+    defers_to: tuple[str, ...] = ()
 
     @property
     def main(self) -> str:

@@ -137,15 +137,13 @@ def _hinted(metadata: Mapping[str, str], family: Family) -> bool:
     return any(h in text for h in family.hints)
 
 
-def _common_parent(tied: list[FileMatch]) -> FileMatch | None:
-    """The one tied family every other tied one derives from (FLUX.1 among FLUX.1, Chroma, FLUX.1 Fill): its
-    modules fit the parent as well as the derivative, and the parent's LoRAs apply to the derivative's
-    checkpoints (library.formats.variants), so nothing is guessed that a merge could get wrong."""
+def _preferred(tied: list[FileMatch]) -> FileMatch | None:
+    """The one tied family left when every family that derives from (`parent`) or defers to (`defers_to`)
+    another tied family steps back: FLUX.1 among FLUX.1, Chroma, FLUX.1 Fill and HunyuanVideo. A derivative
+    takes its parent's LoRAs (library.formats.variants), and the deferring family is the far rarer one."""
     names = {r.family.name for r in tied}
-    for r in tied:
-        if all(o is r or o.family.parent == r.family.name for o in tied) and r.family.name in names:
-            return r
-    return None
+    left = [r for r in tied if not ({r.family.parent, *r.family.defers_to} & names)]
+    return left[0] if len(left) == 1 else None
 
 
 def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None,
@@ -171,9 +169,9 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
         hinted = [r for r in top if _hinted(metadata, r.family)]
         if len(hinted) == 1:
             return hinted[0]
-        parent = _common_parent(hinted or top)
-        if parent is not None:
-            return parent
+        preferred = _preferred(hinted or top)
+        if preferred is not None:
+            return preferred
         names = ", ".join(r.family.name for r in top)
         raise AmbiguousFamilyError(f"ambiguous model family: the modules fit {names} equally well; "
                                    f"say which with --family", file=path)
