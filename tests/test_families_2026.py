@@ -325,3 +325,42 @@ def test_diffusers_kohya_flux_converter_reads_our_chroma_and_fill_files():
     theirs = conv._convert_kohya_flux_lora_to_diffusers(dict(kohya))
     theirs = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in theirs.items()}
     assert_same_deltas(probe_deltas(ours, ours_meta), probe_deltas(theirs), rel=1e-5)
+
+
+# ---- trainers' layouts -------------------------------------------------------------------------------------
+
+def _module(name: str, out: int, inp: int, peft: bool, g) -> dict[str, torch.Tensor]:
+    down, up = ("lora_A.weight", "lora_B.weight") if peft else ("lora_down.weight", "lora_up.weight")
+    return {f"{name}.{down}": torch.randn(2, inp, generator=g), f"{name}.{up}": torch.randn(out, 2, generator=g)}
+
+
+@needs_shapes
+@pytest.mark.parametrize(("trainer", "family", "name", "peft", "shape", "target"), [
+    # OneTrainer: `lora_transformer_` + flattened diffusers names
+    ("onetrainer", "chroma", "lora_transformer_transformer_blocks_0_attn_to_k", False, (H, H),
+     ("double_blocks.0.img_attn.qkv.weight", (H, 2 * H))),
+    # SimpleTuner LyCORIS: `lycoris_` + flattened diffusers names
+    ("simpletuner", "chroma", "lycoris_distilled_guidance_layer_layers_1_linear_2", False, (5120, 5120),
+     ("distilled_guidance_layer.layers.1.out_layer.weight", None)),
+    # AI-Toolkit, diffusion-pipe, musubi-tuner "other": `diffusion_model.` + original names, PEFT tensors
+    ("diffusion-pipe", "chroma", "diffusion_model.single_blocks.2.linear2", True, (H, 5 * H),
+     ("single_blocks.2.linear2.weight", None)),
+    # diffusion-pipe HunyuanVideo: original names under `transformer.`
+    ("diffusion-pipe", "hunyuan_video", "transformer.double_blocks.0.img_mlp.fc1", True, (4 * H, H),
+     ("double_blocks.0.img_mlp.fc1.weight", None)),
+    # musubi-tuner "default": `lora_unet_` + flattened original names
+    ("musubi", "hunyuan_video", "lora_unet_txt_in_individual_token_refiner_blocks_0_self_attn_qkv", False, (3 * H, H),
+     ("txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight", None)),
+    ("musubi-other", "wan21", "diffusion_model.blocks.3.cross_attn.o", True, (5120, 5120),
+     ("blocks.3.cross_attn.o.weight", None)),
+])
+def test_trainer_layouts_land_on_the_canonical_target(trainer, family, name, peft, shape, target):
+    g = torch.Generator().manual_seed(0)
+    tensors = _module(name, *shape, peft, g)
+    if family == "chroma":  # a module only Chroma has, so the file is Chroma's without metadata
+        tensors.update(_module("lora_unet_distilled_guidance_layer_out_proj" if not peft else
+                               "diffusion_model.distilled_guidance_layer.out_proj", H, 5120, peft, g))
+    lora = lora_from_tensors(tensors, {})
+    assert lora.family == family, trainer
+    (module,) = [m for m in lora.modules if m.source == name]
+    assert (module.target.key, module.target.rows) == (target[0], target[1])
