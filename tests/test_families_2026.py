@@ -313,13 +313,14 @@ def test_sdxl_vpred_markers_survive_a_checkpoint_merge(tmp_path):
 # ---- diffusers as oracle ------------------------------------------------------------------------------------
 
 @needs_shapes
-def test_diffusers_kohya_flux_converter_reads_our_chroma_and_fill_files():
-    """diffusers loads Chroma and Fill LoRAs through the Flux mixin: its kohya converter must give our deltas."""
+def test_diffusers_kohya_flux_converter_reads_our_chroma_files():
+    """diffusers loads Chroma LoRAs through the Flux mixin: its kohya converter must give our deltas on the
+    double and single blocks (outside them its Flux kohya path has known bugs, formats.md §7 #8)."""
     conv = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
     tensors, meta = diffusers_fixture("chroma", modules=chroma_modules())
     lora = lora_from_tensors(tensors, meta)
     # the guidance layer is outside what diffusers' Flux converter knows (it has no rule for it)
-    blocks = [m for m in lora.modules if not m.target.key.startswith("distilled_guidance_layer.")]
+    blocks = [m for m in lora.modules if m.target.key.startswith(("double_blocks.", "single_blocks."))]
     ours, ours_meta = lora_tensors(blocks, "chroma", "diffusers")
     kohya, _ = lora_tensors(blocks, "chroma", "kohya")
     theirs = conv._convert_kohya_flux_lora_to_diffusers(dict(kohya))
