@@ -20,6 +20,7 @@ from library.console import warn
 from library.errors import LoraToolsError
 from library.formats import FAMILIES, CheckpointLayout, LoraFile, Target, read_lora
 from library.formats.checkpoint import detect_checkpoint_layout, partial_layout
+from library.formats.variants import derivative_layout
 from library.merge_plan import LoraInput
 
 FAMILY = "flux1"
@@ -80,7 +81,9 @@ def flux_layout(reader) -> CheckpointLayout:
     blocks (pruned or distilled models, small test files) by names alone, the shapes of the weights we
     change being checked one by one when they are used.
     """
-    found = detect_checkpoint_layout(reader, FAMILY) or partial_layout(reader, FAMILY, min_main_keys=4)
+    # Chroma and FLUX.1 Fill checkpoints take FLUX.1 LoRAs on the weights they share (formats.variants)
+    found = (derivative_layout(reader, FAMILY) or detect_checkpoint_layout(reader, FAMILY)
+             or partial_layout(reader, FAMILY, min_main_keys=4))
     if found is None:
         raise LoraToolsError("not a FLUX.1 transformer checkpoint (no BFL or diffusers Flux weight names found)",
                              file=getattr(reader, "path", None))

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from library.block_weights import BlockWeights
 from library.errors import LoraToolsError
 from library.formats.checkpoint import CheckpointLayout, Placement
 from library.formats.types import LoraFile, Module, Target
+from library.formats.variants import adopt
 from networks import adapter_from_tensors
 from networks.base import Adapter
 
@@ -66,6 +67,7 @@ class Plan:
     matched: list[tuple[str, str, str]] = field(default_factory=list)  # (file, module, component)
     zero: list[str] = field(default_factory=list)  # modules skipped: strength 0 (ratio or block weight)
     unmatched: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a FLUX.1 LoRA's modulations dropped for Chroma
 
     def add(self, c: Contribution) -> None:
         self.contributions.setdefault(c.placement.checkpoint_key, []).append(c)
@@ -82,7 +84,7 @@ class Plan:
             lines.append(f"{len(self.zero)} module(s) skipped at strength 0 (ratio or block weight)")
         touched = len(self.contributions)
         lines.append(f"{touched} stored tensor(s) will change; the rest are copied unchanged")
-        return lines
+        return lines + self.notes
 
     def details(self) -> list[str]:
         return [c.describe() for key in self.contributions for c in self.contributions[key]]
@@ -114,8 +116,10 @@ def build_plan(reader, layout: CheckpointLayout, inputs: list[LoraInput], *, all
     plan = Plan(family, layout)
     keys = set(reader.keys())
     for inp in inputs:
-        if inp.lora.family != family:
-            raise LoraToolsError(f"this LoRA is for {inp.lora.family} but the checkpoint is {family}", file=inp.path)
+        if inp.lora.family != family:  # a parent family's LoRA (FLUX.1 on Chroma) is adopted, others refused
+            lora, notes = adopt(inp.lora, family, inp.path)
+            inp = replace(inp, lora=lora)
+            plan.notes.extend(notes)
         if inp.block_weights is not None:
             inp.block_weights.check_family(family, file=inp.path)
         for key in inp.lora.unmatched:

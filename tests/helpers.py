@@ -247,12 +247,14 @@ def kohya_fixture(family: str, seed: int = 0, dtype=torch.float32) -> dict[str, 
     return out
 
 
-def diffusers_fixture(family: str, seed: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """PEFT-layout file with alpha in `lora_adapter_metadata` (lora_alpha 1, some modules 2 via alpha_pattern)."""
+def diffusers_fixture(family: str, seed: int = 1, modules: dict[str, tuple[int, ...]] | None = None) \
+        -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """PEFT-layout file with alpha in `lora_adapter_metadata` (lora_alpha 1, some modules 2 via alpha_pattern);
+    `modules` (name with component prefix -> weight shape) replaces the family's reference list."""
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, object] = {}
-    for i, (name, shape) in enumerate(sorted(thin(diffusers_modules(family)).items())):
+    for i, (name, shape) in enumerate(sorted(thin(modules or diffusers_modules(family)).items())):
         down, up = lora_pair(shape, gen)
         tensors[f"{name}.lora_A.weight"] = down
         tensors[f"{name}.lora_B.weight"] = up

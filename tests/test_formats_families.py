@@ -67,8 +67,11 @@ def test_lora_metadata_takes_the_family_facts(family, arch, version, v2, module)
 
 
 def test_block_weight_tables_are_gathered_from_the_families():
-    assert LAYOUT_FAMILIES == {17: ("sd1", "sd2"), 26: ("sd1", "sd2"), 12: ("sdxl",), 20: ("sdxl",), 61: ("flux1",)}
-    assert FAMILY_LAYOUTS == {"sd1": (17, 26), "sd2": (17, 26), "sdxl": (12, 20), "flux1": (61,)}
+    # Chroma and FLUX.1 Fill have FLUX.1's 19 double and 38 single blocks, so the webui's Flux layout
+    assert LAYOUT_FAMILIES == {17: ("sd1", "sd2"), 26: ("sd1", "sd2"), 12: ("sdxl",), 20: ("sdxl",),
+                               61: ("flux1", "chroma", "flux1_fill")}
+    assert FAMILY_LAYOUTS == {"sd1": (17, 26), "sd2": (17, 26), "sdxl": (12, 20), "flux1": (61,), "chroma": (61,),
+                              "flux1_fill": (61,)}
     assert set(PRESETS) == {*FAMILIES["sd1"].block_weights.presets, "FLUXALL"} and PRESETS["FLUXALL"] == ",".join(["1"] * 61)
     # a 12-value SDXL string is spread over SDXL's own 20 blocks
     bw = parse_block_weights(",".join(["1"] * 12))

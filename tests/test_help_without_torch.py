@@ -22,6 +22,7 @@ SCRIPTS = [
     "merge_models.py",
     "lora_compare.py",
     "merge_grid.py",
+    "wan22_merge_lora.py",
 ]
 
 PROBE = (

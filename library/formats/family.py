@@ -133,6 +133,16 @@ class Family:
     checkpoint_layouts: dict[str, tuple[str, str]] = field(default_factory=dict)
     metadata: MetadataFacts = MetadataFacts()
     block_weights: BlockLayouts | None = None
+    # the family this one derives from with the same module names (Chroma and FLUX.1 Fill from FLUX.1): a
+    # LoRA that fits both equally well without a metadata hint is the parent's, and the parent's LoRAs merge
+    # into this family's checkpoints on the targets they share (the others dropped with a note, variants.py)
+    parent: str | None = None
+    # checkpoints of the same module table that people name apart (FLUX.1 Kontext, Qwen-Image-Edit): name ->
+    # regular expression over the metadata's model names; only reported (LoraFile.variant), never guessed
+    variants: tuple[tuple[str, str], ...] = ()
+    # families that win an unhinted tie with this one, being far more common (HunyuanVideo defers to FLUX.1,
+    # whose names and widths it shares); unlike `parent`, their LoRAs do not apply to this family's checkpoints
+    defers_to: tuple[str, ...] = ()
 
     @property
     def main(self) -> str:

@@ -109,4 +109,7 @@ FAMILY = Family(
     metadata=MetadataFacts(architecture="flux-1-dev", implementation="https://github.com/black-forest-labs/flux",
                            resolution="1024x1024", base_model_version="flux1", network_module="networks.lora_flux"),
     block_weights=BlockLayouts({61: FLUX_LAYOUT}, webui_block, {"FLUXALL": ",".join(["1"] * 61)}),
+    # Kontext's "weight shapes are 100% compatible with Flux Dev" (diffusion-pipe); Krea-dev too. Krea 2 is
+    # another architecture, so "krea2" / "krea-2" is not this variant.
+    variants=(("Kontext", r"kontext"), ("Krea", r"krea(?![-_ ]?2)")),
 )

@@ -137,6 +137,15 @@ def _hinted(metadata: Mapping[str, str], family: Family) -> bool:
     return any(h in text for h in family.hints)
 
 
+def _preferred(tied: list[FileMatch]) -> FileMatch | None:
+    """The one tied family left when every family that derives from (`parent`) or defers to (`defers_to`)
+    another tied family steps back: FLUX.1 among FLUX.1, Chroma, FLUX.1 Fill and HunyuanVideo. A derivative
+    takes its parent's LoRAs (library.formats.variants), and the deferring family is the far rarer one."""
+    names = {r.family.name for r in tied}
+    left = [r for r in tied if not ({r.family.parent, *r.family.defers_to} & names)]
+    return left[0] if len(left) == 1 else None
+
+
 def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None,
            family: str | None = None, path: str | None = None) -> FileMatch:
     """Match a file against the given family or every known one (see module docstring)."""
@@ -160,6 +169,9 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
         hinted = [r for r in top if _hinted(metadata, r.family)]
         if len(hinted) == 1:
             return hinted[0]
+        preferred = _preferred(hinted or top)
+        if preferred is not None:
+            return preferred
         names = ", ".join(r.family.name for r in top)
         raise AmbiguousFamilyError(f"ambiguous model family: the modules fit {names} equally well; "
                                    f"say which with --family", file=path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from library.formats.transformer_family import transformer_family
 
@@ -18,4 +19,6 @@ def block_id(key: str) -> str | None:
     return f"B{int(m[1]):02d}" if m else None
 
 
-FAMILY = transformer_family("qwen_image", "Qwen-Image", "qwen", block_id, ("qwen",), architecture="qwen-image")
+# Qwen-Image-Edit (Edit, Edit-Plus/2509, 2511) keeps Qwen-Image's module paths; only metadata tells it apart.
+FAMILY = replace(transformer_family("qwen_image", "Qwen-Image", "qwen", block_id, ("qwen",), architecture="qwen-image"),
+                 variants=(("Edit", r"qwen[-_ ]?image[-_ ]?edit"),))

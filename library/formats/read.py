@@ -16,6 +16,7 @@ from library.formats.match import FileMatch, detect, format_of
 from library.formats.peft_alpha import PeftAlphas
 from library.formats.regroup import swap_halves
 from library.formats.types import LoraFile, Module, Target
+from library.formats.variants import variant_of
 from library.safetensors_io import load_tensors
 from networks.base import DoraMagnitude
 from networks.validate import check_module
@@ -61,7 +62,8 @@ def lora_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     fmt = "cloneofsimo" if cloneofsimo_file else format_of(fm, list(tensors))
     modules = _modules(fm, tensors, PeftAlphas(metadata, path or None), path)
     notes = split_qkv_alpha(modules, fm.family, metadata, fix_split_qkv_alpha)
-    return LoraFile(path, fm.family.name, fmt, modules, metadata, list(fm.unmatched), notes)
+    return LoraFile(path, fm.family.name, fmt, modules, metadata, list(fm.unmatched), notes,
+                    variant_of(fm.family.name, metadata))
 
 
 def _trained_with_split_qkv(metadata: Mapping[str, str]) -> bool:

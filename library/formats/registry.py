@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from library.formats import flux1, flux2, qwen_image, sd1, sd2, sd3, sdxl, wan21, z_image
+from library.formats import (
+    chroma,
+    flux1,
+    flux1_fill,
+    flux2,
+    hunyuan_video,
+    lumina2,
+    qwen_image,
+    sd1,
+    sd2,
+    sd3,
+    sdxl,
+    wan21,
+    wan22,
+    z_image,
+)
 from library.formats.family import Family
 
-_MODULES = (sd1, sd2, sdxl, flux1, flux2, qwen_image, wan21, z_image)
+_MODULES = (sd1, sd2, sdxl, flux1, flux2, qwen_image, wan21, z_image, chroma, flux1_fill, wan22, hunyuan_video, lumina2)
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in _MODULES}
 BUILDERS = {m.FAMILY.name: m.build for m in _MODULES}
 for _name, (_family, _build) in sd3.FAMILIES.items():

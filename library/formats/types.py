@@ -57,3 +57,4 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)  # keys dropped with allow_unmatched
     notes: list[str] = field(default_factory=list)  # things the user should know (e.g. split_qkv alpha)
+    variant: str | None = None  # a named checkpoint of the family the metadata says (FLUX.1 Kontext, Qwen-Image-Edit)
