@@ -12,7 +12,8 @@ import sys
 
 # Every root script with a command; pyproject.toml lists the same names (tests/test_packaging.py checks it).
 SCRIPTS = ("merge_lora", "svd_merge_lora", "resize_lora", "extract_lora_from_models", "flux_merge_lora",
-           "convert_lora", "lora_info", "quickstart", "merge_models", "make_mask", "lora_compare", "merge_grid")
+           "convert_lora", "lora_info", "quickstart", "merge_models", "make_mask", "lora_compare", "merge_grid",
+           "wan22_merge_lora")
 
 
 def run_script(name: str, argv: list[str] | None = None) -> int:
