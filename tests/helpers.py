@@ -499,3 +499,27 @@ def formula_delta(t: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         return alpha / r * (d["hada_w1_a"] @ d["hada_w1_b"]) * (d["hada_w2_a"] @ d["hada_w2_b"])
     r = d["lokr_w2_b"].shape[0]
     return alpha / r * torch.kron(d["lokr_w1"], d["lokr_w2_a"] @ d["lokr_w2_b"])
+
+
+LORA_FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
+
+
+def assert_round_trips(family: str, modules: dict[str, tuple[int, ...]], start: str) -> None:
+    """A `family` LoRA on `modules` (diffusers names), written in format `start`, goes start → b → start through
+    every other format b with its key set unchanged and its deltas equal (probe_deltas, 1e-6), and is detected
+    as `family` each time."""
+    from library.formats import lora_from_tensors, lora_tensors
+
+    tensors, meta = diffusers_fixture(family, modules=modules)
+    if start != "diffusers":
+        tensors, meta = lora_tensors(lora_from_tensors(tensors, meta).modules, family, start)
+    expected = probe_deltas(tensors, meta)
+    for b in LORA_FORMATS:
+        if b == start:
+            continue
+        lora = lora_from_tensors(tensors, meta)
+        assert lora.family == family
+        mid, mid_meta = lora_tensors(lora.modules, family, b)
+        back, back_meta = lora_tensors(lora_from_tensors(mid, mid_meta).modules, family, start)
+        assert sorted(back) == sorted(tensors), f"{start} -> {b} -> {start} changed the key set"
+        assert_same_deltas(expected, probe_deltas(back, back_meta))

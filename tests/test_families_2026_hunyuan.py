@@ -12,9 +12,18 @@ import merge_lora
 from library.errors import LoraToolsError
 from library.formats import FAMILIES, lora_from_tensors, lora_tensors
 from library.safetensors_io import load_tensors, save_tensors
-from tests.helpers import assert_same_deltas, diffusers_fixture, needs_shapes, probe_deltas, rows, run_script
+from tests.helpers import (
+    LORA_FORMATS,
+    assert_round_trips,
+    assert_same_deltas,
+    diffusers_fixture,
+    needs_shapes,
+    probe_deltas,
+    rows,
+    run_script,
+)
 
-FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
+FORMATS = LORA_FORMATS
 H = 3072
 
 
@@ -42,19 +51,7 @@ def test_table_follows_the_reference_list():
 @needs_shapes
 @pytest.mark.parametrize("a", FORMATS)
 def test_round_trip_through_every_format(a):
-    tensors, meta = diffusers_fixture("hunyuan_video", modules=hv_modules())
-    if a != "diffusers":
-        tensors, meta = lora_tensors(lora_from_tensors(tensors, meta).modules, "hunyuan_video", a)
-    expected = probe_deltas(tensors, meta)
-    for b in FORMATS:
-        if b == a:
-            continue
-        lora = lora_from_tensors(tensors, meta)  # the token refiner and x_embedder.proj are HunyuanVideo's alone
-        assert lora.family == "hunyuan_video"
-        mid, mid_meta = lora_tensors(lora.modules, "hunyuan_video", b)
-        back, back_meta = lora_tensors(lora_from_tensors(mid, mid_meta).modules, "hunyuan_video", a)
-        assert sorted(back) == sorted(tensors), f"{a} -> {b} -> {a} changed the key set"
-        assert_same_deltas(expected, probe_deltas(back, back_meta))
+    assert_round_trips("hunyuan_video", hv_modules(), a)
 
 
 def _native_qkv_lora(rank=6, seed=0) -> dict[str, torch.Tensor]:

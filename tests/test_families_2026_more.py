@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from library.formats import FAMILIES, lora_from_tensors, lora_tensors
-from tests.helpers import assert_same_deltas, diffusers_fixture, probe_deltas
+from tests.helpers import LORA_FORMATS, assert_round_trips, assert_same_deltas, probe_deltas
 
-FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
+FORMATS = LORA_FORMATS
 
 
 def lumina_modules() -> dict[str, tuple[int, ...]]:
@@ -34,19 +34,7 @@ def test_table_is_diffusers_own_model():
 
 @pytest.mark.parametrize("a", FORMATS)
 def test_round_trip_through_every_format(a):
-    tensors, meta = diffusers_fixture("lumina2", modules=lumina_modules())
-    if a != "diffusers":
-        tensors, meta = lora_tensors(lora_from_tensors(tensors, meta).modules, "lumina2", a)
-    expected = probe_deltas(tensors, meta)
-    for b in FORMATS:
-        if b == a:
-            continue
-        lora = lora_from_tensors(tensors, meta)
-        assert lora.family == "lumina2"
-        mid, mid_meta = lora_tensors(lora.modules, "lumina2", b)
-        back, back_meta = lora_tensors(lora_from_tensors(mid, mid_meta).modules, "lumina2", a)
-        assert sorted(back) == sorted(tensors), f"{a} -> {b} -> {a} changed the key set"
-        assert_same_deltas(expected, probe_deltas(back, back_meta))
+    assert_round_trips("lumina2", lumina_modules(), a)
 
 
 def test_uneven_fused_qkv_against_diffusers_converter():

@@ -16,9 +16,17 @@ from library.errors import LoraToolsError
 from library.formats import FAMILIES, lora_from_tensors, lora_tensors, read_lora
 from library.formats.wan22 import EXPERT_KEY, expert_of, expert_outputs, partner_path
 from library.safetensors_io import load_tensors, save_tensors
-from tests.helpers import assert_same_deltas, diffusers_fixture, needs_shapes, probe_deltas, run_script
+from tests.helpers import (
+    LORA_FORMATS,
+    assert_round_trips,
+    assert_same_deltas,
+    diffusers_fixture,
+    needs_shapes,
+    probe_deltas,
+    run_script,
+)
 
-FORMATS = ("kohya", "diffusers", "ai-toolkit", "comfy")
+FORMATS = LORA_FORMATS
 
 
 def diffusers_5b_modules() -> dict[str, tuple[int, ...]]:
@@ -46,19 +54,7 @@ def test_5b_table_is_diffusers_own_model():
 
 @pytest.mark.parametrize("a", FORMATS)
 def test_5b_round_trip_through_every_format(a):
-    tensors, meta = diffusers_fixture("wan22_5b", modules=diffusers_5b_modules())
-    if a != "diffusers":
-        tensors, meta = lora_tensors(lora_from_tensors(tensors, meta).modules, "wan22_5b", a)
-    expected = probe_deltas(tensors, meta)
-    for b in FORMATS:
-        if b == a:
-            continue
-        lora = lora_from_tensors(tensors, meta)
-        assert lora.family == "wan22_5b"
-        mid, mid_meta = lora_tensors(lora.modules, "wan22_5b", b)
-        back, back_meta = lora_tensors(lora_from_tensors(mid, mid_meta).modules, "wan22_5b", a)
-        assert sorted(back) == sorted(tensors), f"{a} -> {b} -> {a} changed the key set"
-        assert_same_deltas(expected, probe_deltas(back, back_meta))
+    assert_round_trips("wan22_5b", diffusers_5b_modules(), a)
 
 
 def test_diffusers_wan_converter_reads_our_5b_comfy_file():

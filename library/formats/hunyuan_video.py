@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from library.formats.flux2 import block_id  # double/single blocks numbered as FLUX's: D00…, S00…
 from library.formats.transformer_family import transformer_family
 
 _DOUBLE = {"norm1.linear": ("img_mod.linear", 0), "norm1_context.linear": ("txt_mod.linear", 0),
@@ -66,11 +67,6 @@ def build(builder, shapes) -> None:
     from library.formats.native_build import build_from_diffusers
 
     build_from_diffusers(builder, shapes("hunyuan_video"), inverse_rule, native="hunyuan")
-
-
-def block_id(key: str) -> str | None:
-    m = re.match(r"(double|single)_blocks\.(\d+)\.", key)
-    return f"{m[1][0].upper()}{int(m[2]):02d}" if m else None
 
 
 FAMILY = replace(transformer_family("hunyuan_video", "HunyuanVideo 1.0", "hunyuan", block_id,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from library.formats.transformer_family import transformer_family
+from library.formats.z_image import block_id  # the same layers / noise_refiner / context_refiner blocks
 
 H, KV, FFN, ADA, LAYERS, REFINERS, PATCH_IN = 2304, 768, 9216, 1024, 26, 2, 64
 _BLOCK = {"attn.to_q": (H, H), "attn.to_k": (KV, H), "attn.to_v": (KV, H), "attn.to_out.0": (H, H),
@@ -55,13 +56,6 @@ def build(builder, shapes) -> None:
     from library.formats.native_build import build_from_diffusers
 
     build_from_diffusers(builder, diffusers_rows(), inverse_rule, native="comfy")
-
-
-def block_id(key: str) -> str | None:
-    m = re.match(r"(layers|noise_refiner|context_refiner)\.(\d+)\.", key)
-    if not m:
-        return None
-    return {"layers": "L", "noise_refiner": "N", "context_refiner": "C"}[m[1]] + f"{int(m[2]):02d}"
 
 
 # sd-scripts' lora_lumina trains the original names (`lora_unet_layers_0_attention_qkv`)
