@@ -62,3 +62,15 @@ def test_checks_imports_neither_cli_nor_torch():
     code = "import sys, library.checks; print('library.cli' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_is_finite_reads_fp8_tensors():
+    import torch
+
+    from library.checks import is_finite
+
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        clean = torch.tensor([0.5, -2.0, 448.0 if dtype == torch.float8_e4m3fn else 57344.0]).to(dtype)
+        assert is_finite(clean)
+        assert not is_finite(torch.tensor([1.0, float("nan")]).to(dtype))
+    assert not is_finite(torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2))
