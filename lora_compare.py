@@ -101,15 +101,10 @@ def main(args: argparse.Namespace) -> list[dict]:
     if len(args.models) < 2:
         raise LoraToolsError(f"lora_compare.py needs at least two LoRA files, {len(args.models)} given")
     destination = None
-    if args.plot is not None:
-        from library.destination import Destination
-        from library.plots import require_matplotlib
+    if args.plot is not None:  # checked before anything is read
+        from library.plots import checked_png
 
-        if not args.plot.lower().endswith(".png"):
-            raise LoraToolsError("--plot must end in .png", file=args.plot)
-        require_matplotlib()  # fail before reading anything
-        destination = Destination(args.plot, args.models, args.overwrite, flag="--plot")
-        destination.check()
+        destination = checked_png(args.plot, args.models, args.overwrite)
     from library.cli import progress
     from library.inputs import read_loras
     from library.lora_stats import compare_pair, target_factors

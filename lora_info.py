@@ -56,17 +56,11 @@ def _plot_destination(args: argparse.Namespace):
     """The checked --plot destination (before any file is read), or None; matplotlib checked first too."""
     if args.plot is None:
         return None
-    from library.destination import Destination
-    from library.plots import require_matplotlib
+    from library.plots import checked_png
 
     if len(args.files) != 1:
         raise LoraToolsError(f"--plot takes one LoRA file, {len(args.files)} were given")
-    if not args.plot.lower().endswith(".png"):
-        raise LoraToolsError("--plot must end in .png", file=args.plot)
-    require_matplotlib()
-    destination = Destination(args.plot, args.files, args.overwrite, flag="--plot")
-    destination.check()
-    return destination
+    return checked_png(args.plot, args.files, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,17 @@ class Chart:
         return Destination(self.path, self.inputs, self.overwrite, flag="--plot")
 
 
+def checked_png(path: str, inputs: Sequence[str], overwrite: bool = False, flag: str = "--plot") -> Destination:
+    """A chart's destination checked before any work: a .png name, matplotlib present, and the path
+    refused where it would land on an input (library.destination's rules)."""
+    if not path.lower().endswith(".png"):
+        raise LoraToolsError(f"{flag} must end in .png", file=path)
+    require_matplotlib()
+    destination = Destination(path, inputs, overwrite, flag=flag)
+    destination.check()
+    return destination
+
+
 def matplotlib_available() -> bool:
     try:
         require_matplotlib()
