@@ -85,6 +85,7 @@ def main() -> None:
         made = run_measured(MAKE, ck, kohya, ait, str(args.double), str(args.single), str(args.rank))
         size_gib = os.path.getsize(ck) / 2**30
         copied = run_measured(COPY, ck, copy)
+        os.remove(copy)  # the full-size checkpoint, its copy and the output would not fit beside each other
         merged = run_measured(MERGE, ck, ait, out)
         full_gib = size_gib / made["params"] * 11.9e9  # FLUX.1-dev transformer: ≈11.9 B parameters
         report("flux_merge", {
