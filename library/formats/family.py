@@ -143,6 +143,9 @@ class Family:
     # families that win an unhinted tie with this one, being far more common (HunyuanVideo defers to FLUX.1,
     # whose names and widths it shares); unlike `parent`, their LoRAs do not apply to this family's checkpoints
     defers_to: tuple[str, ...] = ()
+    # components stored in the same LoRA file besides the main model and the text encoders (LTX-2's text
+    # `connectors`): component -> format -> how that format writes it (merged into `write`)
+    side_components: dict[str, dict[str, WriteSpec]] = field(default_factory=dict)
 
     @property
     def main(self) -> str:

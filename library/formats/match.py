@@ -167,6 +167,8 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
     top = [r for r in results if len(r.matches) == best]
     if len(top) > 1:
         hinted = [r for r in top if _hinted(metadata, r.family)]
+        # a derivative's hint names it more closely than its parent's does ("ltx-2.3" also contains "ltx-2")
+        hinted = [r for r in hinted if not any(o.family.parent == r.family.name for o in hinted)]
         if len(hinted) == 1:
             return hinted[0]
         preferred = _preferred(hinted or top)

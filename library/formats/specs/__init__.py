@@ -13,4 +13,8 @@ WRITE_FORMATS = tuple(FORMATS)  # the --format / --to choices (torch-free, so --
 
 def write_specs(family: Family) -> dict[str, dict[str, WriteSpec]]:
     """format -> component -> WriteSpec for `family` (a format may leave out components it cannot hold)."""
-    return {name: module.specs(family) for name, module in FORMATS.items()}
+    specs = {name: module.specs(family) for name, module in FORMATS.items()}
+    for component, per_format in family.side_components.items():  # LTX-2's connectors: the family says how
+        for name, spec in per_format.items():
+            specs[name][component] = spec
+    return specs
