@@ -427,3 +427,25 @@ def test_other_family_lora_into_ltx_checkpoint_names_both(tmp_path, lora_family,
                                 "--family", checkpoint_family, "--save_to", tmp_path / "o.safetensors"])
     assert not (tmp_path / "o.safetensors").exists()
 
+
+
+def test_convert_lora_script_writes_both_components_for_diffusers(tmp_path):
+    """convert_lora.py on a musubi-style LTX-2 file (transformer and connectors): diffusers' LTX-2 loader reads
+    the output file with both components and our alphas."""
+    import convert_lora
+
+    mixin = pytest.importorskip("diffusers.loaders.lora_pipeline").LTX2LoraLoaderMixin
+    g = torch.Generator().manual_seed(12)
+    src = {**_pair("lora_unet_transformer_blocks_0_audio_attn2_to_k", 2048, 2048, g, peft=False),
+           **_pair("lora_unet_text_embedding_projection_aggregate_embed", 3840, 188160, g, peft=False),
+           "lora_unet_transformer_blocks_0_audio_attn2_to_k.alpha": torch.tensor(1.0),
+           "lora_unet_text_embedding_projection_aggregate_embed.alpha": torch.tensor(1.0)}
+    save_tensors(tmp_path / "k.safetensors", src)
+    run_script(convert_lora, ["--to", "diffusers", tmp_path / "k.safetensors", tmp_path / "d.safetensors"])
+    state, meta = mixin.lora_state_dict(str(tmp_path / "d.safetensors"), return_lora_metadata=True)
+    assert sorted(state) == ["connectors.text_proj_in.lora_A.weight", "connectors.text_proj_in.lora_B.weight",
+                             "transformer.transformer_blocks.0.audio_attn2.to_k.lora_A.weight",
+                             "transformer.transformer_blocks.0.audio_attn2.to_k.lora_B.weight"]
+    assert meta["connectors.lora_alpha"] == 1.0 and meta["connectors.r"] == 2
+    assert state["connectors.text_proj_in.lora_A.weight"].equal(
+        src["lora_unet_text_embedding_projection_aggregate_embed.lora_down.weight"])
