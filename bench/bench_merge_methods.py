@@ -36,13 +36,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.common import report  # noqa: E402
 from bench.fixtures import flux_modules  # noqa: E402
+from networks.lora import LoRAAdapter  # noqa: E402
 
 METHODS = ("add", "tsv", "iso_c", "iso_cts", "knots", "np_lora", "della", "breadcrumbs")
 
 
 def adapters(shape, n_loras, rank, seed):
-    from networks.lora import LoRAAdapter
-
     gen = torch.Generator().manual_seed(seed)
     out = []
     weights = torch.arange(1, rank + 1, dtype=torch.float32).pow(-0.5)
@@ -64,19 +63,21 @@ def form_deltas(loras, rows: int = 256) -> None:
             torch.matmul(part, down, out=buffer[:part.shape[0]])
 
 
-def extrapolate(label: str, runs: dict, counts: Counter, n_inputs: int) -> dict:
-    """Mean wall and CPU time per layer of each shape (runs[shape]: callables, one per measured layer), and
-    Σ over shapes of (mean × number of Flux layers of that shape)."""
+def extrapolate(label: str, runs: dict, counts: Counter, n_inputs: int, factor: dict | None = None) -> dict:
+    """Mean wall and CPU time per layer of each shape (runs[shape]: callables, one per measured layer; × factor[shape]
+    when they ran on a share of the rows), and Σ over shapes of (mean × number of Flux layers of that shape)."""
+    factor = factor or {}
     wall, cpu = {}, {}
     for s, calls in runs.items():
         start, start_cpu = time.perf_counter(), time.process_time()
         for call in calls:
             call()
-        wall[s] = (time.perf_counter() - start) / len(calls)
-        cpu[s] = (time.process_time() - start_cpu) / len(calls)
+        wall[s] = (time.perf_counter() - start) / len(calls) * factor.get(s, 1.0)
+        cpu[s] = (time.process_time() - start_cpu) / len(calls) * factor.get(s, 1.0)
     figures = {"inputs": n_inputs, "full_flux_s": round(sum(wall[s] * counts[s] for s in counts), 1),
                "full_flux_cpu_s": round(sum(cpu[s] * counts[s] for s in counts), 1),
-               "per_layer_ms": {f"{s[0]}x{s[1]}": round(1000 * t, 1) for s, t in wall.items()}}
+               "per_layer_ms": {f"{s[0]}x{s[1]}": round(1000 * t, 1) for s, t in wall.items()},
+               "per_layer_cpu_ms": {f"{s[0]}x{s[1]}": round(1000 * t, 1) for s, t in cpu.items()}}
     report(label, figures)
     return figures
 
@@ -90,6 +91,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--scale", type=float, default=1.0, help="divide every width by 1/scale (smoke runs)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--knots_method", default="ties")
+    parser.add_argument("--dense_rows", type=float, default=1.0,
+                        help="della, breadcrumbs and the floor on this share of each layer's output rows, times "
+                             "1/share (their work is linear in the rows: per-row ranks, per-entry selection); "
+                             "0.1 makes the whole run about 2 minutes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -100,18 +105,26 @@ def main(argv=None) -> dict:
     shapes = {s: tuple(max(8, int(d * args.scale)) for d in s) for s in counts}
     layers = {s: [adapters(shapes[s], args.loras, args.rank, seed=100 * i + j) for j in range(args.per_shape)]
               for i, s in enumerate(counts)}
+    # the entry-wise runs: the first rows of the same LoRAs (LoRAAdapter(down, up[:rows], alpha))
+    rows = {s: max(8, math.ceil(shapes[s][0] * args.dense_rows)) for s in counts}
+    dense_layers = {s: [[LoRAAdapter(a.down, a.up[:rows[s]], alpha=float(a.alpha)) for a in loras] for loras in sets]
+                    for s, sets in layers.items()}
+    dense_shapes = {s: (rows[s], shapes[s][1]) for s in counts}
+    dense_factor = {s: shapes[s][0] / rows[s] for s in counts}
     report("load", {"uptime_load_average": [round(x, 2) for x in os.getloadavg()], "threads": args.threads,
                     "shapes": {f"{s[0]}x{s[1]}": counts[s] for s in counts}})
-    floor = {s: [partial(form_deltas, loras) for loras in sets] for s, sets in layers.items()}
-    results = {"floor": extrapolate("floor", floor, counts, args.loras)}
+    floor = {s: [partial(form_deltas, loras) for loras in sets] for s, sets in dense_layers.items()}
+    results = {"floor": extrapolate("floor", floor, counts, args.loras, dense_factor)}
     for method in args.methods:
         n = 2 if method == "np_lora" else args.loras
         # the README's parameters: density 0.5 for knots' TIES and della, breadcrumbs 0.9 + gamma 0.01
         settings = MergeSettings(mode=method, new_rank=args.rank, density=0.9 if method == "breadcrumbs" else 0.5,
                                  singular=SingularParams(knots_method=args.knots_method))
-        runs = {s: [partial(merge_layers, [LayerJob(f"{s}#{j}", shapes[s], [(i, a, 1.0) for i, a in enumerate(loras[:n])])],
-                            settings) for j, loras in enumerate(sets)] for s, sets in layers.items()}
-        results[method] = extrapolate(method, runs, counts, n)
+        dense = method in ("della", "breadcrumbs")
+        sizes, inputs = (dense_shapes, dense_layers) if dense else (shapes, layers)
+        runs = {s: [partial(merge_layers, [LayerJob(f"{s}#{j}", sizes[s], [(i, a, 1.0) for i, a in enumerate(loras[:n])])],
+                            settings) for j, loras in enumerate(sets)] for s, sets in inputs.items()}
+        results[method] = extrapolate(method, runs, counts, n, dense_factor if dense else None)
     return results
 
 

@@ -210,6 +210,18 @@ def _magnitude_threshold(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, bool
     return t, int(torch.count_nonzero(flat.abs() >= t)) == k
 
 
+def _map_threads(fn, items: list) -> list:
+    """fn over items on torch's CPU thread count: numpy's selection holds no GIL, so the tasks' thresholds
+    run side by side as torch's own ops would."""
+    workers = min(torch.get_num_threads(), len(items))
+    if workers <= 1 or items[0].device.type != "cpu":
+        return [fn(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
 def ties_merge(stacked: torch.Tensor, weights: Sequence[float], density: float, method: str) -> torch.Tensor:
     """TIES on the tasks stacked [T, ...] (overwritten): each task pruned to its int(density·numel) largest
     |values| (magnitude_mask), the sign elected on the unweighted pruned tasks, the mean of the agreeing
@@ -221,14 +233,16 @@ def ties_merge(stacked: torch.Tensor, weights: Sequence[float], density: float, 
     n = flat.shape[1]
     k = int(density * n) if density < 1 else n
     keep_all = torch.tensor(float("-inf"), dtype=flat.dtype, device=flat.device)
+    if 0 < k < n:
+        selections = _map_threads(lambda row: _magnitude_threshold(row, k), list(flat))
     cuts = []
-    for row in flat:
+    for i, row in enumerate(flat):
         if k >= n or k <= 0:
             cuts.append(keep_all)
             if k <= 0:
                 row.zero_()
             continue
-        t, exact = _magnitude_threshold(row, k)
+        t, exact = selections[i]
         if not exact:
             row.mul_(top_k_mask(row.abs(), k))  # ties at the threshold: the memory-order rule, pruned here
             t = keep_all
