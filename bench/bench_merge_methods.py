@@ -2,7 +2,9 @@
 
 Usage: python bench/bench_merge_methods.py [--loras 10] [--rank 16] [--per_shape 1] [--threads 2] [--scale 1.0]
            [--methods add tsv iso_c iso_cts knots np_lora della breadcrumbs] [--knots_method ties]
-       (all methods at full width: about 2 minutes of an idle 2-core box; --scale 0.5 is a quick smoke run)
+           [--dense_rows 1.0]
+       (`--dense_rows 0.1`: della/breadcrumbs/floor on a tenth of each layer's rows, scaled back; then every method
+       at full width takes about 2 minutes of an idle 2-core box, 5 at load average 12; `--scale 0.25` is a smoke run)
 
 The LoRAs are random rank-`--rank` factors (singular values decaying as in bench/fixtures) on the 304 Linears
 sd-scripts' lora_flux trains (19 double blocks × {qkv, proj, mlp.0, mlp.2, mod} × 2 streams, 38 single blocks

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import torch
 
 from library.errors import LoraToolsError
-from library.lowrank import SVDResult
+from library.lowrank import RotatedSVD
 from library.methods import SINGULAR_METHODS, SingularParams
 
 RTOL = 1e-5  # singular values below RTOL·σ_max are rounding noise, not directions
@@ -225,13 +225,14 @@ def _merge_cores(method: str, cores: Sequence[torch.Tensor | None], ctx, keep: i
 def merge_lowrank(method: str, tasks: Sequence[Task | None], ctx, *, keep: int | None = None,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged delta of one layer as factors (up [m, k], down [k, n]): merge_lowrank_svd as U·diag(S), Vh."""
-    U, S, Vh = merge_lowrank_svd(method, tasks, ctx, keep=keep, dtype=dtype)
+    U, S, Vh = merge_lowrank_svd(method, tasks, ctx, keep=keep, dtype=dtype).full()
     return U * S.unsqueeze(0), Vh
 
 
 def merge_lowrank_svd(method: str, tasks: Sequence[Task | None], ctx, *, keep: int | None = None,
-                      dtype: torch.dtype = torch.float32) -> SVDResult:
-    """The exact thin SVD of one layer's merged delta (k ≤ min(m, n, R) triplets), never forming m×n.
+                      dtype: torch.dtype = torch.float32) -> RotatedSVD:
+    """The exact thin SVD of one layer's merged delta (k ≤ min(m, n, R) triplets, as a lowrank.RotatedSVD whose
+    vectors are formed on demand: `.leading(k)`, `.full()`), never forming m×n.
 
     tasks[i] is input i's (up, down) with its weight and alpha/rank folded into up (None: no delta on this
     layer). `ctx` carries `singular` (SingularParams) and, for knots, density / sign_method / seed / name
@@ -272,7 +273,8 @@ def merge_lowrank_svd(method: str, tasks: Sequence[Task | None], ctx, *, keep: i
         left, right = _merge_cores(method, cores, ctx, keep)
         core = left @ right
     cu, S, cvh = _svd(core)  # p×q at most: Σr×Σr
-    return SVDResult((q_b @ cu.to(dtype)).contiguous(), S.to(dtype), (cvh.to(dtype) @ q_a.T).contiguous())
+    # Kept as Q_B·cu, cvh·Q_Aᵀ: the engine forms only the singular vectors it keeps (16 of 160 for a rank-16 merge).
+    return RotatedSVD(q_b, cu, S.to(dtype), cvh, q_a)
 
 
 # ---------------------------------------------------------------------------------------------------------
