@@ -14,7 +14,10 @@ Per layer, the merged delta M = method(ratioᵢ·ΔWᵢ) is reduced to the reque
   optimal truncation, error known exactly.
 - `ties`, `dare_*`, `magnitude_prune`, `della`, `breadcrumbs` (masks seeded by (--seed, layer, input)):
   M formed per layer, randomized SVD (oversampling, power iterations); the error against M is reported.
-- `tsv`, `iso_c`, `iso_cts`, `knots`, `np_lora` (singular-space methods): on the Σr×Σr core, never forming M.
+  These are dense per layer: each input's out×in delta is formed and ranked entry by entry, so their time
+  grows with out·in (ten full Flux LoRAs: minutes on 2 cores for della/breadcrumbs, see README).
+- `tsv`, `iso_c`, `iso_cts`, `knots`, `np_lora` (singular-space methods): on the Σr×Σr core, never forming M
+  (knots forms only its T·Σr×in aligned coordinates); `add` over LoRAs stays factored too.
 No quantile clamp unless asked (--clamp_quantile); output alpha = rank. --ratios auto, --lbws LINES: README.
 """
 

@@ -181,7 +181,8 @@ def add_lora_merge_args(parser: argparse.ArgumentParser, *, singular: bool = Fal
 
 def add_method_param_args(parser: argparse.ArgumentParser) -> None:
     """Parameters of della and breadcrumbs (library/merge_methods_sparse.py), mergekit's names."""
-    group = parser.add_argument_group("della / breadcrumbs")
+    group = parser.add_argument_group("della / breadcrumbs", "entry-wise, dense per layer: each input's full "
+                                      "delta is formed and its entries ranked (time grows with out·in)")
     group.add_argument("--epsilon", type=finite_float, default=0.1,
                        help="della: keep probabilities spread over [density − epsilon, density + epsilon] (default 0.1)")
     group.add_argument("--lambda", dest="lambda_", type=finite_float, default=1.0,

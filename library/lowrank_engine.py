@@ -27,6 +27,7 @@ import torch
 
 from library.errors import LoraToolsError
 from library.lowrank import (
+    RotatedSVD,
     SVDResult,
     clamp_quantile,
     dense_sq_norm,
@@ -95,8 +96,9 @@ class LowRankJob:
     scratch: bool = False  # the engine may overwrite `dense` (extract's own buffer: no second copy of a layer)
     total_sq: float | None = None  # ‖dense‖_F² (dense_sq_norm) when the caller has measured it already
     # The caller's own exact thin SVD of the job's matrix (singular-space merges have one from their small
-    # core): used instead of factored_svd, so the m×R factors are not QR'd a second time.
-    svd: Callable[[], SVDResult] | None = None
+    # core): used instead of factored_svd, so the m×R factors are not QR'd a second time. A RotatedSVD forms
+    # only the kept vectors.
+    svd: Callable[[], SVDResult | RotatedSVD] | None = None
 
     @property
     def factored(self) -> bool:
@@ -245,6 +247,10 @@ def run_given_svd(job: LowRankJob, settings: EngineSettings) -> LayerResult:
     svd = job.svd()
     if not bool(torch.isfinite(svd.S).all()):
         raise LoraToolsError(NONFINITE_MESSAGE, key=job.name)
+    if hasattr(svd, "leading"):  # a lowrank.RotatedSVD: only the kept singular vectors are formed
+        exact = svd.full() if settings.clamp_quantile is not None or settings.factor_dtype is not None else None
+        return _truncated(job, svd.S, svd.leading, exact and exact.U * exact.S.unsqueeze(-2), exact and exact.Vh,
+                          settings)
     return _truncated(job, svd.S, lambda k: (svd.U[:, :k], svd.Vh[:k]), svd.U * svd.S.unsqueeze(-2), svd.Vh,
                       settings)
 

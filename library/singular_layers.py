@@ -50,7 +50,7 @@ class SingularLayer:
                 for pairs in per_slot]
 
     def svd(self):
-        """The exact thin SVD of the merged delta (lowrank.SVDResult), computed on `settings.device`."""
+        """The exact thin SVD of the merged delta (a lowrank.RotatedSVD), computed on `settings.device`."""
         s = self.settings
         ctx = MergeContext(density=s.density, sign_method=s.sign_method, seed=s.seed, name=self.job.name,
                            singular=s.singular)

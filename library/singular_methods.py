@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import torch
 
 from library.errors import LoraToolsError
-from library.lowrank import SVDResult
+from library.lowrank import RotatedSVD
 from library.methods import SINGULAR_METHODS, SingularParams
 
 RTOL = 1e-5  # singular values below RTOL·σ_max are rounding noise, not directions
@@ -161,7 +161,7 @@ def knots_core(lefts: Sequence[torch.Tensor | None], right_bases: Sequence[torch
                out_cols: int, ctx) -> Pair:
     """KnOTS on [L₁ … L_T]·blockdiag(Wᵢᵀ): lefts[i] is p×qᵢ (None: the file has no delta here), right_bases[i]
     the n×qᵢ orthonormal basis Wᵢ of task i's rows (None: the identity, dense deltas). Returns (U·αΣ, V_merged)."""
-    from library.merge_methods import MergeContext, merge_tensors
+    from library.merge_methods import MergeContext, check_context, get_method, merge_tensors, ties_merge
 
     params = _params(ctx)
     present = [i for i, L in enumerate(lefts) if L is not None]
@@ -170,19 +170,31 @@ def knots_core(lefts: Sequence[torch.Tensor | None], right_bases: Sequence[torch
     D = _count_above(S, float(S[0]) if S.numel() else 0.0)
     U, S, Vh = U[:, :D], S[:D], Vh[:D]
     dtype = Vh.dtype if right_bases is None else next(b.dtype for b in right_bases if b is not None)
-    coords = [Vh.new_zeros(D, out_cols, dtype=dtype) for _ in lefts]  # a file absent here is a zero task (a no-op)
-    start = 0
-    for i in present:
-        stop = start + lefts[i].shape[1]
-        block = Vh[:, start:stop]
-        basis = None if right_bases is None else right_bases[i]
-        # In the factors' dtype: the element-wise merge over T·D·n coordinates is the costly step of knots.
-        coords[i] = block if basis is None else block.to(basis.dtype) @ basis.T
-        start = stop
     method = "add" if params.knots_method == "linear" else params.knots_method
+    blocks, start = {}, 0
+    for i in present:
+        blocks[i] = Vh[:, start:start + lefts[i].shape[1]]
+        start += lefts[i].shape[1]
+    if method == "add" and right_bases is not None:
+        # Σᵢ Vᵢᵀ = Vh·[W₁ … W_T]ᵀ in one product: the T coordinate matrices of a plain sum are never formed.
+        merged = Vh.to(dtype) @ torch.cat([right_bases[i].T for i in present], 0)
+        return U * (params.merge_alpha * S), merged
+    # The T·D·n coordinates in the factors' dtype, stacked in place: their element-wise merge is the costly
+    # step of knots. A file absent here is a zero task (a no-op in every element-wise method).
+    coords = Vh.new_zeros((len(lefts), D, out_cols), dtype=dtype) if len(present) < len(lefts) else \
+        Vh.new_empty((len(lefts), D, out_cols), dtype=dtype)
+    for i in present:
+        if right_bases is None:
+            coords[i] = blocks[i]
+        else:
+            torch.matmul(blocks[i].to(dtype), right_bases[i].T, out=coords[i])
     inner = MergeContext(density=ctx.density, sign_method=ctx.sign_method, seed=ctx.seed, name=f"{ctx.name}#knots")
-    merged = merge_tensors(method, coords, [1.0] * len(coords), inner)
-    return U * (params.merge_alpha * S), merged.double()
+    if method == "ties":
+        check_context(get_method(method), inner)
+        merged = ties_merge(coords, [1.0] * len(lefts), inner.density, inner.sign_method)  # coords are ours: overwritten
+    else:
+        merged = merge_tensors(method, list(coords), [1.0] * len(lefts), inner)
+    return U * (params.merge_alpha * S), merged
 
 
 def _merge_cores(method: str, cores: Sequence[torch.Tensor | None], ctx, keep: int | None) -> Pair:
@@ -213,13 +225,14 @@ def _merge_cores(method: str, cores: Sequence[torch.Tensor | None], ctx, keep: i
 def merge_lowrank(method: str, tasks: Sequence[Task | None], ctx, *, keep: int | None = None,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged delta of one layer as factors (up [m, k], down [k, n]): merge_lowrank_svd as U·diag(S), Vh."""
-    U, S, Vh = merge_lowrank_svd(method, tasks, ctx, keep=keep, dtype=dtype)
+    U, S, Vh = merge_lowrank_svd(method, tasks, ctx, keep=keep, dtype=dtype).full()
     return U * S.unsqueeze(0), Vh
 
 
 def merge_lowrank_svd(method: str, tasks: Sequence[Task | None], ctx, *, keep: int | None = None,
-                      dtype: torch.dtype = torch.float32) -> SVDResult:
-    """The exact thin SVD of one layer's merged delta (k ≤ min(m, n, R) triplets), never forming m×n.
+                      dtype: torch.dtype = torch.float32) -> RotatedSVD:
+    """The exact thin SVD of one layer's merged delta (k ≤ min(m, n, R) triplets, as a lowrank.RotatedSVD whose
+    vectors are formed on demand: `.leading(k)`, `.full()`), never forming m×n.
 
     tasks[i] is input i's (up, down) with its weight and alpha/rank folded into up (None: no delta on this
     layer). `ctx` carries `singular` (SingularParams) and, for knots, density / sign_method / seed / name
@@ -242,11 +255,14 @@ def merge_lowrank_svd(method: str, tasks: Sequence[Task | None], ctx, *, keep: i
         # One shared left basis; each task's rows get their own right basis (the concatenation is block-diagonal).
         lefts: list[torch.Tensor | None] = [None] * len(tasks)
         bases: list[torch.Tensor | None] = [None] * len(tasks)
-        for i, down, (a, b) in zip(present, downs, bounds):
-            w, r_a = torch.linalg.qr(down.T)
+        if len({d.shape[0] for d in downs}) == 1:  # equal ranks: one batched QR
+            qrs = list(zip(*torch.linalg.qr(torch.stack(downs).transpose(1, 2))))
+        else:
+            qrs = [torch.linalg.qr(down.T) for down in downs]
+        for i, (w, r_a), (a, b) in zip(present, qrs, bounds):
             lefts[i], bases[i] = r_b[:, a:b] @ r_a.double().T, w
         left, coords = knots_core(lefts, bases, downs[0].shape[1], ctx)
-        q_a, r_c = torch.linalg.qr(coords.to(dtype).T)  # the merged coordinates D×n = r_cᵀ q_aᵀ
+        q_a, r_c = torch.linalg.qr(coords.T)  # the merged coordinates D×n (in `dtype`) = r_cᵀ q_aᵀ
         core = left @ r_c.double().T
     else:
         q_a, r_a = torch.linalg.qr(torch.cat(downs, 0).T)  # n×q, q×R
@@ -257,7 +273,8 @@ def merge_lowrank_svd(method: str, tasks: Sequence[Task | None], ctx, *, keep: i
         left, right = _merge_cores(method, cores, ctx, keep)
         core = left @ right
     cu, S, cvh = _svd(core)  # p×q at most: Σr×Σr
-    return SVDResult((q_b @ cu.to(dtype)).contiguous(), S.to(dtype), (cvh.to(dtype) @ q_a.T).contiguous())
+    # Kept as Q_B·cu, cvh·Q_Aᵀ: the engine forms only the singular vectors it keeps (16 of 160 for a rank-16 merge).
+    return RotatedSVD(q_b, cu, S.to(dtype), cvh, q_a)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,6 +294,7 @@ def merge_dense(method: str, tensors: Sequence[torch.Tensor], weights: Sequence[
     cores = [t.reshape(shape[0], -1).double() * float(w) for t, w in zip(tensors, weights)]
     if method == "knots":
         left, right = knots_core(cores, None, cores[0].shape[1], ctx)
+        right = right.double()
     else:
         left, right = _merge_cores(method, cores, ctx, None)
     return (left @ right).reshape(shape).to(dtype)
