@@ -1,7 +1,8 @@
 """Qwen-Image 2.1 (issue 16): its table against diffusers' own QwenImage21Transformer2DModel (meta device), ComfyUI's
 fused `img_mlp.gate_up` against the two halves LoRAs address (exact both ways), round trips through every format,
 2.1 told from Qwen-Image by shapes, diffusers' Qwen converter (its explicit top-level map and un-flattening)
-against our flattened names, a merge into a thinned ComfyUI checkpoint against float64, a Qwen-Image LoRA refused."""
+against our flattened names, a tiny 2.1 transformer loading our diffusers output, a merge into a thinned
+ComfyUI checkpoint against float64, a Qwen-Image LoRA refused."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import torch
 
 import merge_lora
 from library.errors import LoraToolsError
-from library.formats import FAMILIES, lora_from_tensors, lora_tensors
+from library.formats import FAMILIES, Module, Target, lora_from_tensors, lora_tensors
+from library.lora_output import write_lora
 from library.safetensors_io import load_tensors, save_tensors
+from networks import adapter_from_tensors
 from tests.helpers import LORA_FORMATS, assert_round_trips, assert_same_deltas, probe_deltas, run_script
 
 D, HALF = 4096, 3 * 4096
@@ -180,3 +183,40 @@ def test_qwen_image_lora_into_2_1_checkpoint_names_both(tmp_path):
         run_script(merge_lora, ["--sd_model", tmp_path / "q21.safetensors", "--models", tmp_path / "q20.safetensors",
                                 "--family", "qwen_image21", "--save_to", tmp_path / "o.safetensors"])
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_tiny_qwen21_transformer_loads_our_diffusers_output(tmp_path):
+    """Our diffusers file (the gate_up halves under their diffusers names) loads into a Qwen-Image 2.1 transformer of
+    tiny widths through diffusers' `load_lora_into_transformer`, every key used; fused, weights are base + delta."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    torch.manual_seed(6)
+    model = diffusers.QwenImage21Transformer2DModel(in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                                                    num_attention_heads=2, context_in_dim=12, axes_dims_rope=(2, 2, 4))
+    slots = FAMILIES["qwen_image21"].table.slots["diffusers"]
+    gen = torch.Generator().manual_seed(7)
+    mods = []
+    for i, (name, module) in enumerate(model.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            assert name in slots, name
+            o, n = module.weight.shape
+            t = {"lora_down.weight": torch.randn(2, n, generator=gen) * 0.1,
+                 "lora_up.weight": torch.randn(o, 2, generator=gen) * 0.1, "alpha": torch.tensor((1.0, 2.0, 0.5)[i % 3])}
+            mods.append(Module(Target(slots[name].key, slots[name].rows, "transformer", (o, n)), t, name))
+    assert any(m.source.endswith("img_mlp.gate_layer") for m in mods)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    write_lora(str(path), mods, "qwen_image21", "diffusers", dtype=torch.float32, script="test", args=None, inputs=[])
+    pipe = diffusers.QwenImage21Pipeline
+    state, metadata = pipe.lora_state_dict(str(tmp_path), weight_name=path.name, return_lora_metadata=True)
+    pipe.load_lora_into_transformer(state, transformer=model, adapter_name="t", metadata=metadata)
+    loaded = {k for k in model.state_dict() if ".lora_" in k}
+    ours = {k[len("transformer."):].replace(".lora_A.weight", ".lora_A.t.weight").replace(".lora_B.weight", ".lora_B.t.weight")
+            for k in state}
+    assert ours == loaded and len(loaded) == 2 * len(mods)
+    model.fuse_lora(lora_scale=1.0)
+    fused = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    for m in mods:
+        key = m.source + ".weight"
+        want = base[key].double() + adapter_from_tensors(m.tensors).delta(tuple(base[key].shape)).double()
+        assert float((fused[key].double() - want).norm() / want.norm()) < 1e-5, m.source
