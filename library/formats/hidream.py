@@ -9,7 +9,8 @@ ones (families-2026 §1.2 #7, diffusers `_convert_non_diffusers_hidream_lora_to_
 
 No reference shape list ships for it: the widths below are HiDream-I1's configuration (patch 2, 16 latent
 channels, caption channels [4096, 4096], pooled text 2048), which tests/test_families_hidream.py checks
-against diffusers' model built on the meta device. E1 keeps I1's shapes; only metadata tells it apart.
+against diffusers' model built on the meta device. E1 keeps I1's keys and shapes (ComfyUI loads both with one
+model class, comfy/supported_models.py `HiDream`); only metadata tells it apart (`LoraFile.variant` "E1").
 """
 
 from __future__ import annotations
