@@ -59,14 +59,10 @@ def expert_args(args: argparse.Namespace, expert: str, save_to: str | None) -> a
 def check_pairing(args: argparse.Namespace) -> None:
     """Refuse a file whose name (or a LoRA's metadata) says it belongs to the other expert."""
     from library.formats.wan22 import expert_of
-    from library.safetensors_io import LazyReader
+    from library.wan_pairs import refuse_swapped
 
+    refuse_swapped({e: getattr(args, e) for e in EXPERTS})
     for expert in EXPERTS:
-        for path in getattr(args, expert):
-            with LazyReader(path) as reader:
-                said = expert_of(path, reader.metadata)
-            if said not in (None, expert):
-                raise LoraToolsError(f"given as --{expert} but its name or metadata says {said}", file=path)
         said = expert_of(getattr(args, f"{expert}_model"))
         if said not in (None, expert):
             raise LoraToolsError(f"given as --{expert}_model but its name says {said}",
