@@ -41,16 +41,26 @@ def expert_files(given: Sequence[str], high: Sequence[str] | None, low: Sequence
     return {e: [p[e] for p in pairs] for e in EXPERTS}
 
 
-def refuse_swapped(files: Mapping[str, Sequence[str]]) -> None:
-    """Refuse a file given for one expert whose name or metadata says it is the other's."""
+def check_expert_files(files: Mapping[str, Sequence[str]]) -> None:
+    """Refuse, before any work, a file given for one expert (`--high_noise`, `--low_noise`; any other label is for
+    both) whose name or metadata says it is the other's, or whose keys say it is no Wan 2.1/2.2-14B LoRA."""
+    from library.formats import FAMILIES
+    from library.formats.match import detect_lora
     from library.safetensors_io import LazyReader
 
-    for expert, paths in files.items():
+    for label, paths in files.items():
         for path in paths:
             with LazyReader(path) as reader:
                 said = expert_of(path, reader.metadata)
-            if said not in (None, expert):
-                raise LoraToolsError(f"given as --{expert} but its name or metadata says {said}", file=path)
+                try:
+                    family, _ = detect_lora({k: tuple(reader.shape(k)) for k in reader.keys()}, reader.metadata)
+                except LoraToolsError:  # ambiguous or unreadable here: the full read (with --family) decides
+                    family = None
+            if label in EXPERTS and said not in (None, label):
+                raise LoraToolsError(f"given as --{label} but its name or metadata says {said}", file=path)
+            if family not in (None, "wan21"):
+                raise LoraToolsError(f"given as --{label} for a Wan 2.2 A14B expert (Wan 2.1 14B shapes), but this "
+                                     f"is a {family} LoRA ({FAMILIES[family].description})", file=path)
 
 
 def expert_runs(args: argparse.Namespace, inputs: str, many: bool,
@@ -66,7 +76,7 @@ def expert_runs(args: argparse.Namespace, inputs: str, many: bool,
     files = expert_files(given, *(listed(getattr(args, e, None)) for e in EXPERTS))
     if files is None:
         return None
-    refuse_swapped(files)
+    check_expert_files(files)
     every_input = [p for paths in files.values() for p in paths]
     paths = {attr: expert_outputs(getattr(args, attr, None), files) for attr in outputs if hasattr(args, attr)}
     runs = {}
