@@ -116,3 +116,20 @@ def test_row_offset_is_never_dropped_silently():
              "transformer.transformer_blocks.0.attn.to_q.row_offset": torch.tensor(0)}
     with pytest.raises(LoraToolsError, match="row_offset"):
         lora_from_tensors(plain, {}, "flux1")
+
+
+def test_linear1_qkv_alias_is_the_first_three_widths_of_linear1():
+    """ComfyUI maps `single_blocks.N.linear1_qkv` onto rows [0, 3·3072) of `linear1` (comfy/lora.py)."""
+    from tests.helpers import dense_delta
+
+    g = torch.Generator().manual_seed(5)
+    name = "diffusion_model.single_blocks.3.linear1_qkv"
+    src = {f"{name}.lora_down.weight": torch.randn(2, H, generator=g), f"{name}.lora_up.weight":
+           torch.randn(3 * H, 2, generator=g), f"{name}.alpha": torch.tensor(1.0)}
+    lora = lora_from_tensors(src, {}, "flux1")
+    assert [m.target.describe() for m in lora.modules] == [f"single_blocks.3.linear1.weight[0:{3 * H}]"]
+    kohya, _ = lora_tensors(lora.modules, "flux1", "kohya")
+    got = dense_delta(kohya, "lora_unet_single_blocks_3_linear1")
+    assert got.shape == (7 * H, H) and not got[3 * H:].any()
+    want = dense_delta(src, name)
+    assert float((got[:3 * H] - want).norm() / want.norm()) < 1e-12
