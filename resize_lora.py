@@ -7,7 +7,8 @@
 LoRA/LoCon layers are resized from their factors (exact SVD of up@down without forming it); LoHa, LoKr,
 full-diff and (with --base_model) DoRA layers become plain LoRA layers through a seeded randomized SVD of
 their delta. alpha/rank is kept, so the resized file applies at the same strength. A rank is never raised:
-layers already at or below the target keep their rank (with a warning).
+layers already at or below the target keep their rank (with a warning). A Wan 2.2 A14B pair (--high_noise A
+--low_noise B, or --model named for one expert with its partner next to it) is resized expert by expert.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ Per layer, the merged delta M = method(ratioᵢ·ΔWᵢ) is reduced to the reque
   M formed per layer, randomized SVD (oversampling, power iterations); the error against M is reported.
 - `tsv`, `iso_c`, `iso_cts`, `knots`, `np_lora` (singular-space methods): on the Σr×Σr core, never forming M.
 No quantile clamp unless asked (--clamp_quantile); output alpha = rank. --ratios auto, --lbws LINES: README.
+Wan 2.2 A14B pairs: --high_noise A_hn B_hn --low_noise A_ln B_ln (or --models named for one expert with their
+partners next to them) merge each expert alone and write <save_to stem>_high_noise / _low_noise.
 """
 
 from __future__ import annotations
