@@ -7,7 +7,8 @@
 LoRA/LoCon layers are resized from their factors (exact SVD of up@down without forming it); LoHa, LoKr,
 full-diff and (with --base_model) DoRA layers become plain LoRA layers through a seeded randomized SVD of
 their delta. alpha/rank is kept, so the resized file applies at the same strength. A rank is never raised:
-layers already at or below the target keep their rank (with a warning).
+layers already at or below the target keep their rank (with a warning). A Wan 2.2 A14B pair (--high_noise A
+--low_noise B, or --model named for one expert with its partner next to it) is resized expert by expert.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from library.cli import (
     warn,
 )
 from library.lowrank_rules import check_dynamic_flags
+from library.wan_pairs import add_pair_args, expert_runs
 
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="LoRA to resize (any format and family loratools reads)")
+    parser.add_argument("--model", default=None, help="LoRA to resize (any format and family loratools reads); a Wan "
+                        "2.2 file named …high_noise… / …low_noise… is resized with its partner when that lies next to it")
+    add_pair_args(parser, many=False)
     parser.add_argument("--save_to", default=None, help="output .safetensors")
     parser.add_argument("--new_rank", type=positive_int, default=4,
                         help="rank for Linear layers (convs too without --new_conv_rank); cap with --dynamic_method (default 4)")
@@ -58,15 +62,25 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """One resize, or one per Wan 2.2 expert (library.wan_pairs: --high_noise/--low_noise or a pair by name)."""
+    runs = expert_runs(args, "model", many=False)
+    return resize(args) if runs is None else {e: resize(ns, e) for e, ns in runs.items()}
+
+
+def resize(args: argparse.Namespace, expert: str | None = None) -> dict:
     import torch
 
     from library.checks import refusing_nonfinite
     from library.cli import resolve_device
+    from library.errors import LoraToolsError
     from library.formats import read_lora
     from library.lora_output import output_dtype, output_format, write_lora
     from library.resize import ResizeSettings, is_removed, resize_layers, summarize
     from library.resize_io import kept_as_they_are, layer_line, plan, resize_comment, resized_modules, summary_line, write_report
+    from library.wan_pairs import expert_metadata
 
+    if args.model is None:
+        raise LoraToolsError("no LoRA given: use --model (or --high_noise / --low_noise for a Wan 2.2 pair)")
     check_dynamic_flags(args.dynamic_method, args.dynamic_param)
     for note in unused_compute_flags(args, "resize", device_used=True):  # --device runs the SVDs; fp32 maths
         warn(note)
@@ -74,6 +88,7 @@ def main(args: argparse.Namespace) -> dict:
     save_to = prepare_output(args.save_to, [args.model], args)
     with refusing_nonfinite():  # an SVD of NaN/inf is undefined: refuse, naming the tensors
         lora = read_lora(args.model, family=args.family, allow_unmatched=args.allow_unmatched)
+    extra = expert_metadata(expert, [lora])
     save_dtype = output_dtype([lora], args.save_precision)
     settings = ResizeSettings(new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
                               dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param,
@@ -101,7 +116,7 @@ def main(args: argparse.Namespace) -> dict:
     write_lora(save_to, resized_modules(lora.modules, results, passthrough), lora.family,
                output_format(args.format, lora), dtype=save_dtype, script="resize_lora.py", args=args,
                inputs=[args.model], base_metadata=lora.metadata, seed=args.seed,
-               extra=resize_comment(lora.metadata, old_ranks, params), overwrite=args.overwrite)
+               extra={**resize_comment(lora.metadata, old_ranks, params), **extra}, overwrite=args.overwrite)
     summary = summarize(reports)
     summary.update({"file_size_before": os.path.getsize(args.model), "file_size_after": os.path.getsize(save_to),
                     "removed": len(jobs) - len(kept_jobs), "passed_through": len(passthrough)})

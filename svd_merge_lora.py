@@ -19,6 +19,8 @@ Per layer, the merged delta M = method(ratioᵢ·ΔWᵢ) is reduced to the reque
 - `tsv`, `iso_c`, `iso_cts`, `knots`, `np_lora` (singular-space methods): on the Σr×Σr core, never forming M
   (knots forms only its T·Σr×in aligned coordinates); `add` over LoRAs stays factored too.
 No quantile clamp unless asked (--clamp_quantile); output alpha = rank. --ratios auto, --lbws LINES: README.
+Wan 2.2 A14B pairs: --high_noise A_hn B_hn --low_noise A_ln B_ln (or --models named for one expert with their
+partners next to them) merge each expert alone and write <save_to stem>_high_noise / _low_noise.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ import argparse
 # Only torch-free modules at the top, so that --help costs no torch import; the work imports inside main().
 from library.cli import add_common_args, add_svd_merge_args, prepare_output, progress, ratio_value, run_cli
 from library.lowrank_rules import check_dynamic_flags, check_quantile
+from library.wan_pairs import add_pair_args, expert_runs
 
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True, help="LoRA files (any format loratools reads)")
+    parser.add_argument("--models", nargs="*", default=[], help="LoRA files (any format loratools reads); Wan 2.2 "
+                        "files named …high_noise… / …low_noise… whose partners lie next to them are merged as a pair")
+    add_pair_args(parser, many=True)
     parser.add_argument("--ratios", nargs="*", type=ratio_value, default=None,
                         help="strength per model (negative allowed; default 1 each), or auto (inverse delta norms)")
     parser.add_argument("--save_to", default=None, help="output .safetensors")
@@ -43,6 +48,12 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """One merge, or one per Wan 2.2 expert (library.wan_pairs: --high_noise/--low_noise or a pair by name)."""
+    runs = expert_runs(args, "models", many=True)
+    return merge(args) if runs is None else {e: merge(ns, e) for e, ns in runs.items()}
+
+
+def merge(args: argparse.Namespace, expert: str | None = None) -> dict:
     from library.block_weights import block_weights_for_models
     from library.checks import refusing_nonfinite
     from library.errors import LoraToolsError
@@ -51,7 +62,10 @@ def main(args: argparse.Namespace) -> dict:
     from library.lora_output import output_format
     from library.svd_merge import merge_layers, uses_factored_route
     from library.svd_merge_io import jobs_from_groups, layer_lines, merge_settings, summary, summary_line, write_merged
+    from library.wan_pairs import expert_metadata
 
+    if not args.models:
+        raise LoraToolsError("no LoRA given: use --models (or --high_noise / --low_noise for a Wan 2.2 pair)")
     ratios_for(args.ratios, args.models)  # a count that does not match --models: refused before any work
     check_dynamic_flags(args.dynamic_method, args.dynamic_param)
     check_quantile(args.clamp_quantile)
@@ -62,6 +76,7 @@ def main(args: argparse.Namespace) -> dict:
     with refusing_nonfinite():  # an SVD of NaN/inf is undefined: refuse, naming the file and tensors
         inputs = lora_inputs(args.models, args.ratios, block_weights, family=args.family,
                              allow_unmatched=args.allow_unmatched)
+    extra = expert_metadata(expert, [i.lora for i in inputs])
     family, groups = group_targets(inputs)
     if not groups:
         raise LoraToolsError("nothing to merge: every module has strength 0")
@@ -86,7 +101,7 @@ def main(args: argparse.Namespace) -> dict:
                            report=args.report, report_extra={"models": args.models, "ratios": [i.ratio for i in inputs],
                                                              "mode": settings.mode, "family": family, "format": fmt,
                                                              "save_to": save_to},
-                           args=args, minimal=args.no_metadata, overwrite=args.overwrite)
+                           args=args, minimal=args.no_metadata, overwrite=args.overwrite, extra=extra)
     print(f"wrote {save_to}")
     return {"results": results, "summary": stats, "save_to": save_to, "modules": modules}
 

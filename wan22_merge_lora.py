@@ -57,20 +57,28 @@ def expert_args(args: argparse.Namespace, expert: str, save_to: str | None) -> a
 
 
 def check_pairing(args: argparse.Namespace) -> None:
-    """Refuse a file whose name (or a LoRA's metadata) says it belongs to the other expert."""
+    """Refuse a LoRA whose name or metadata says it belongs to the other expert, or to another family, and a
+    checkpoint whose name says the other expert or whose weights are another family's."""
+    from library.formats import FAMILIES
+    from library.formats.checkpoint import detect_checkpoint_family
     from library.formats.wan22 import expert_of
-    from library.safetensors_io import LazyReader
+    from library.safetensors_io import open_checkpoint
+    from library.wan_pairs import check_expert_files
 
+    check_expert_files({**{e: getattr(args, e) for e in EXPERTS}, "models": args.models})
     for expert in EXPERTS:
-        for path in getattr(args, expert):
-            with LazyReader(path) as reader:
-                said = expert_of(path, reader.metadata)
-            if said not in (None, expert):
-                raise LoraToolsError(f"given as --{expert} but its name or metadata says {said}", file=path)
-        said = expert_of(getattr(args, f"{expert}_model"))
+        path = getattr(args, f"{expert}_model")
+        said = expert_of(path)
         if said not in (None, expert):
-            raise LoraToolsError(f"given as --{expert}_model but its name says {said}",
-                                 file=getattr(args, f"{expert}_model"))
+            raise LoraToolsError(f"given as --{expert}_model but its name says {said}", file=path)
+        try:
+            with open_checkpoint(path) as reader:
+                family = detect_checkpoint_family(reader)  # a whole checkpoint of another family; None when thinned
+        except LoraToolsError:  # ambiguous between other families, or unreadable: merge_lora's read says it
+            family = None
+        if family not in (None, "wan21"):
+            raise LoraToolsError(f"given as --{expert}_model (a Wan 2.2 A14B expert, Wan 2.1 14B shapes), but this "
+                                 f"is a {family} checkpoint ({FAMILIES[family].description})", file=path)
 
 
 def main(args: argparse.Namespace) -> dict:

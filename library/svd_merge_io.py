@@ -136,9 +136,10 @@ def write_report(path: str, results: dict[str, LayerResult], stats: dict, extra:
 def write_merged(save_to: str, groups: list[Group], results: dict[str, LayerResult], stats: dict, inputs, family: str,
                  fmt: str, *, mode: str, seed: int, randomized_svd: bool, save_precision: str | None, report: str | None,
                  report_extra: dict, args: object, minimal: bool = False, overwrite: bool = False,
-                 script: str = "svd_merge_lora.py") -> list[Module]:
+                 script: str = "svd_merge_lora.py", extra: dict | None = None) -> list[Module]:
     """The merged LoRA through the one writer (the seed recorded only when something drew from it), then the
-    `--report` JSON, checked against the inputs and the LoRA just written. `args` only feeds provenance."""
+    `--report` JSON, checked against the inputs and the LoRA just written. `args` only feeds provenance;
+    `extra` goes over the metadata (a Wan 2.2 expert's name)."""
     from library.lora_output import output_dtype, write_lora
     from library.metadata import title_of
     from library.methods import recorded_seed
@@ -150,7 +151,7 @@ def write_merged(save_to: str, groups: list[Group], results: dict[str, LayerResu
                merged_from=[title_of(i.path, i.lora.metadata) for i in inputs],
                seed=recorded_seed(seed, mode=mode, block_weights=[i.block_weights for i in inputs],
                                   randomized_svd=randomized_svd),
-               minimal=minimal, overwrite=overwrite)
+               extra=extra, minimal=minimal, overwrite=overwrite)
     if report:
         write_report(report, results, stats, report_extra, inputs=paths, overwrite=overwrite,
                      other_outputs={"--save_to": save_to})

@@ -20,12 +20,18 @@ LOHA_SUFFIXES = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", 
 LOKR_SUFFIXES = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
 FULL_SUFFIXES = {"diff", "w_norm"}
 SHARED_SUFFIXES = {"alpha", "dora_scale", "diff_b", "b_norm", "lora_up.bias"}
-KNOWN_SUFFIXES = LORA_SUFFIXES | LOHA_SUFFIXES | LOKR_SUFFIXES | FULL_SUFFIXES | SHARED_SUFFIXES
+# A LoKr on rows [offset, offset + rows) of its Kronecker product (ComfyUI's `.row_offset`; library.formats.read
+# turns that key into this [offset, rows] window, the rows being the target's).
+WINDOW_SUFFIX = "row_window"
+KNOWN_SUFFIXES = LORA_SUFFIXES | LOHA_SUFFIXES | LOKR_SUFFIXES | FULL_SUFFIXES | SHARED_SUFFIXES | {WINDOW_SUFFIX}
 
 
 def adapter_from_tensors(tensors: dict[str, torch.Tensor], name: str = "", *, dora_axis: str | None = None) -> Adapter:
     """Build the adapter of one module from its tensors keyed by kohya/LyCORIS suffix."""
     unknown = sorted(set(tensors) - KNOWN_SUFFIXES)
+    if "row_offset" in unknown:
+        raise LoraToolsError("a `.row_offset` key needs its target's rows: read the file with library.formats",
+                             key=name)
     if unknown:
         raise LoraToolsError(f"unknown adapter tensors {unknown}", key=name)
     present = set(tensors)
@@ -51,8 +57,9 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], name: str = "", *, do
         return LoHaAdapter(tensors["hada_w1_a"], tensors["hada_w1_b"], tensors["hada_w2_a"], tensors["hada_w2_b"], alpha,
                            tensors.get("hada_t1"), tensors.get("hada_t2"), name=name, dora=dora, bias_delta=bias)
     if kind == "lokr":
+        window = tensors.get(WINDOW_SUFFIX)
         return LoKrAdapter({k: v for k, v in tensors.items() if k in LOKR_SUFFIXES}, alpha, name=name, dora=dora,
-                           bias_delta=bias)
+                           bias_delta=bias, window=None if window is None else tuple(int(x) for x in window.tolist()))
     diff = tensors.get("diff", tensors.get("w_norm"))
     if diff is None and bias is None:
         raise LoraToolsError("module has no adapter tensors", key=name)

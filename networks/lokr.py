@@ -1,4 +1,9 @@
-"""LoKr: ΔW = scale·kron(w1, w2), each factor full or decomposed, w2 optionally with a Tucker core."""
+"""LoKr: ΔW = scale·kron(w1, w2), each factor full or decomposed, w2 optionally with a Tucker core.
+
+With a row window (offset, rows) — ComfyUI's `.row_offset`, written when it splits a LoKr trained on a fused
+qkv whose outer factor cannot be split at the q/k/v boundaries — the module's delta is rows
+[offset, offset + rows) of that product (ComfyUI's `lora_diff.narrow(0, offset, rows)`).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,11 @@ class LoKrAdapter(Adapter):
     kind = "lokr"
 
     def __init__(self, tensors: dict[str, torch.Tensor], alpha: float | None = None, *, name: str = "",
-                 dora: DoraMagnitude | None = None, bias_delta: torch.Tensor | None = None):
+                 dora: DoraMagnitude | None = None, bias_delta: torch.Tensor | None = None,
+                 window: tuple[int, int] | None = None):
         super().__init__(name, alpha, dora, bias_delta)
         self.tensors = tensors
+        self.window = window
         if "lokr_w1" not in tensors and not {"lokr_w1_a", "lokr_w1_b"} <= tensors.keys():
             raise LoraToolsError("LoKr module has neither lokr_w1 nor lokr_w1_a/lokr_w1_b", key=name)
         if "lokr_w2" not in tensors and not {"lokr_w2_a", "lokr_w2_b"} <= tensors.keys():
@@ -58,7 +65,18 @@ class LoKrAdapter(Adapter):
         while w1.dim() < w2.dim():
             w1 = w1.unsqueeze(-1)
         # torch.kron needs contiguous inputs (a Tucker w2 comes out of einsum permuted)
-        return reshape_to(torch.kron(w1.contiguous(), w2.contiguous()) * self.scale, shape, self.name)
+        full = torch.kron(w1.contiguous(), w2.contiguous())
+        return reshape_to(self._rows(full) * self.scale, shape, self.name)
+
+    def _rows(self, product: torch.Tensor) -> torch.Tensor:
+        """The window's rows of the Kronecker product (all of them without a window)."""
+        if self.window is None or product.shape[0] == self.window[1]:
+            return product  # ComfyUI narrows only a product larger than the weight
+        offset, rows = self.window
+        if offset + rows > product.shape[0]:
+            raise LoraToolsError(f"row window [{offset}, {offset + rows}) is outside the LoKr's {product.shape[0]} "
+                                 "rows", key=self.name)
+        return product[offset:offset + rows]
 
     def _pair(self, i: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) in float64 with a @ b = w_i (flattened to 2-D): the stored decomposition, else w_i and an identity."""
@@ -91,7 +109,7 @@ class LoKrAdapter(Adapter):
         """
         a1, b1 = self._pair("1")
         a2, b2 = self._pair("2")
-        return kron_2d(a1, a2), kron_2d(b1, b2)
+        return self._rows(kron_2d(a1, a2)), kron_2d(b1, b2)
 
 
 def kron_2d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ def check_module(tensors: Mapping[str, torch.Tensor], name: str = "", *, file: s
         if suffix == "alpha":
             _check_alpha(tensor, lambda m: fail("alpha", m))
             continue
+        if suffix in ROW_WINDOW_SUFFIXES:
+            _check_row_window(suffix, tensor, tensors, fail)
+            continue
         if not tensor.dtype.is_floating_point:
             fail(suffix, f"is {str(tensor.dtype).removeprefix('torch.')}; adapter tensors must be floating point")
         if tensor.dim() == 0:
@@ -53,6 +56,20 @@ def check_module(tensors: Mapping[str, torch.Tensor], name: str = "", *, file: s
 # Suffixes whose first or second dimension is a rank: an empty one there is a rank-0 module.
 _RANKED = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
            "hada_t1", "hada_t2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+
+
+# ComfyUI's `.row_offset` (one integer) and our `row_window` ([offset, rows], what the reader makes of it).
+ROW_WINDOW_SUFFIXES = {"row_offset": 1, "row_window": 2}
+
+
+def _check_row_window(suffix: str, value: torch.Tensor, tensors, fail) -> None:
+    if not any(k.startswith("lokr_") for k in tensors):
+        fail(suffix, "belongs to a LoKr module (ComfyUI's split of a fused qkv); this module is no LoKr")
+    if value.numel() != ROW_WINDOW_SUFFIXES[suffix] or value.is_complex() or value.dtype == torch.bool:
+        fail(suffix, f"has shape {tuple(value.shape)}; it holds {ROW_WINDOW_SUFFIXES[suffix]} integer(s)")
+    numbers = value.reshape(-1).double()
+    if not bool(torch.isfinite(numbers).all()) or bool((numbers != numbers.round()).any()) or bool((numbers < 0).any()):
+        fail(suffix, f"is {numbers.tolist()}; a row offset is a non-negative integer")
 
 
 def _check_alpha(alpha: torch.Tensor, fail) -> None:

@@ -55,6 +55,8 @@ def build(builder, shapes) -> None:
             builder.slot("xlabs", f"double_blocks.{m[2]}.{_XLABS_DOUBLE[m[3]]}", path + ".weight")
         elif m and m[3] == "linear1":
             builder.slot("xlabs", f"single_blocks.{m[2]}.processor.qkv_lora", path + ".weight", (0, 3 * H))
+            # ComfyUI's alias for the same rows (comfy/lora.py; its USO converter renames qkv_lora to it)
+            builder.slot("xlabs", f"single_blocks.{m[2]}.linear1_qkv", path + ".weight", (0, 3 * H))
         elif m and m[3] == "linear2":
             builder.slot("xlabs", f"single_blocks.{m[2]}.processor.proj_lora", path + ".weight")
     build_clip(builder, shapes("clip_l"), "te1", TE1.key_prefix, "clip_l")

@@ -12,7 +12,7 @@ import re
 _PLAIN = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
           "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
           "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-          "diff", "diff_b", "w_norm", "b_norm")
+          "diff", "diff_b", "w_norm", "b_norm", "row_offset")
 # Other spellings -> kohya suffix. Order matters: longer, more specific endings first.
 _RENAMED = (
     ("lora_linear_layer.down.weight", "lora_down.weight"), ("lora_linear_layer.up.weight", "lora_up.weight"),

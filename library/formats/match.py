@@ -104,7 +104,9 @@ def fits(family: Family, match: Match, shapes: Mapping[str, tuple[int, ...]]) ->
     out, inp, ndim = io_dims(shapes)
     if out is None:
         return False
-    if out != out_rows or (inp is not None and inp != math.prod(full[1:])):
+    # a LoKr with ComfyUI's `.row_offset` covers a window of its product's rows (checked by value on reading)
+    windowed = "row_offset" in shapes and out >= out_rows
+    if (out != out_rows and not windowed) or (inp is not None and inp != math.prod(full[1:])):
         return False
     return not (ndim is not None and ndim != len(full))
 

@@ -12,12 +12,13 @@ from library.checks import NonFiniteTracker
 from library.errors import LoraToolsError
 from library.formats import cloneofsimo
 from library.formats.family import Family
-from library.formats.match import FileMatch, detect, format_of
+from library.formats.match import FileMatch, detect, format_of, io_dims
 from library.formats.peft_alpha import PeftAlphas
 from library.formats.regroup import swap_halves
 from library.formats.types import LoraFile, Module, Target
 from library.formats.variants import variant_of
 from library.safetensors_io import load_tensors
+from networks import WINDOW_SUFFIX
 from networks.base import DoraMagnitude
 from networks.validate import check_module
 
@@ -149,6 +150,8 @@ def _modules(fm: FileMatch, tensors: Mapping[str, torch.Tensor], alphas: PeftAlp
                 dtype = t["lora_down.weight"].dtype
                 exact = dtype.is_floating_point and float(torch.tensor(alpha, dtype=dtype)) == alpha
                 t["alpha"] = torch.tensor(alpha, dtype=dtype if exact else torch.float32)
+        if "row_offset" in t:
+            t = _row_window(t, shape, name, path)
         axis = None
         if "dora_scale" in t:
             t["dora_scale"], axis = _dora(t["dora_scale"], keys["dora_scale"], shape, name)
@@ -156,6 +159,20 @@ def _modules(fm: FileMatch, tensors: Mapping[str, torch.Tensor], alphas: PeftAlp
             t = swap_halves(t, shape, name)
         modules.append(Module(Target(m.slot.key, rows, m.component, tuple(shape)), t, name, axis))
     return modules
+
+
+def _row_window(t: dict[str, torch.Tensor], shape: tuple[int, ...], name: str, path: str) -> dict[str, torch.Tensor]:
+    """ComfyUI's `.row_offset` of a LoKr as the window [offset, rows] of its product's rows that this target takes
+    (networks.lokr), refused when it falls outside the product: it is never dropped. A product of the target's
+    own size ignores the offset, as ComfyUI does (it narrows only a product larger than the weight)."""
+    t = dict(t)
+    offset = int(t.pop("row_offset").reshape(()).item())
+    product_rows = io_dims({k: tuple(v.shape) for k, v in t.items()})[0]
+    if product_rows is None or (product_rows != shape[0] and offset + shape[0] > product_rows):
+        raise LoraToolsError(f"row_offset {offset} with {shape[0]} target rows falls outside the LoKr's "
+                             f"{product_rows} rows", file=path or None, key=f"{name}.row_offset")
+    t[WINDOW_SUFFIX] = torch.tensor([offset, shape[0]], dtype=torch.int64)
+    return t
 
 
 def _dora(scale: torch.Tensor, key: str, shape: tuple[int, ...], name: str) -> tuple[torch.Tensor, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from library.errors import LoraToolsError
-from networks import adapter_from_tensors
+from networks import WINDOW_SUFFIX, adapter_from_tensors
 from networks.base import alpha_value, scale_for
 
 ROW_BIAS = ("lora_up.bias", "diff_b", "b_norm")
@@ -160,7 +160,11 @@ def split(tensors: dict[str, torch.Tensor], parts: list[Range], shape: tuple[int
 
 
 def _split_lokr(tensors: dict[str, torch.Tensor], parts: list[Range]) -> list[dict[str, torch.Tensor]] | None:
-    """Rows [s, e) of kron(w1, w2) are kron(w1[s/c:e/c], w2) when c = rows of w2 divides s and e."""
+    """Rows [s, e) of kron(w1, w2) are kron(w1[s/c:e/c], w2) when c = rows of w2 divides s and e. A LoKr that
+    already covers a row window of its product (ComfyUI's row_offset) splits into narrower windows of it."""
+    if WINDOW_SUFFIX in tensors:
+        offset = _window_start(tensors)
+        return [{**_slice_rows(tensors, s, e, ""), WINDOW_SUFFIX: torch.tensor([offset + s, e - s])} for s, e in parts]
     w2 = tensors.get("lokr_w2", tensors.get("lokr_w2_a"))
     c = int(w2.shape[1] if "lokr_t2" in tensors else w2.shape[0])
     if any(s % c or e % c for s, e in parts):
@@ -171,6 +175,34 @@ def _split_lokr(tensors: dict[str, torch.Tensor], parts: list[Range]) -> list[di
         key = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
         piece[key] = tensors[key][s // c:e // c]
         out.append(piece)
+    return out
+
+
+def _window_start(tensors: dict[str, torch.Tensor]) -> int:
+    """Where a windowed LoKr's rows start in its product (0 when the product is the window: ComfyUI ignores the
+    offset of a product of the weight's own size)."""
+    from library.formats.match import io_dims
+
+    offset, rows = (int(x) for x in tensors[WINDOW_SUFFIX].tolist())
+    product = io_dims({k: tuple(v.shape) for k, v in tensors.items() if k != WINDOW_SUFFIX})[0]
+    return 0 if product == rows else offset
+
+
+def _fuse_windows(pieces, rows: int) -> dict[str, torch.Tensor] | None:
+    """Windows of one LoKr product that tile it in order (ComfyUI's q/k/v split of a fused qkv LoKr) fuse back
+    into that LoKr, exactly; None for anything else."""
+    first = pieces[0][1]
+    shared = [k for k in first if k != WINDOW_SUFFIX and k not in ROW_BIAS and k != "dora_scale"]
+    for (s, e), t in pieces:
+        if WINDOW_SUFFIX not in t or set(t) != set(first) or _window_start(t) != s or \
+                int(t[WINDOW_SUFFIX][1]) != e - s or any(not torch.equal(t[k], first[k]) for k in shared):
+            return None
+    from library.formats.match import io_dims
+
+    if sum(e - s for (s, e), _ in pieces) != rows or io_dims({k: tuple(first[k].shape) for k in shared})[0] != rows:
+        return None
+    out = {k: first[k] for k in shared}
+    out.update(_fuse_extras(pieces, rows, ""))
     return out
 
 
@@ -185,7 +217,7 @@ def fuse(pieces: list[tuple[Range, dict[str, torch.Tensor]]], rows: int, shape: 
         shared = _fuse_shared(pieces, rows)
         return shared if shared is not None else _fuse_block_diagonal(pieces, rows)
     if kinds == {"lokr"}:
-        fused = _fuse_lokr(pieces, rows)
+        fused = _fuse_windows(pieces, rows) or _fuse_lokr(pieces, rows)
         if fused is not None:
             return fused
     full = [((s, e), materialize(t, (e - s, *shape[1:]), name) if kind_of(t) != "full" else t) for (s, e), t in pieces]
@@ -281,7 +313,7 @@ def _fuse_block_diagonal(pieces, rows: int) -> dict[str, torch.Tensor]:
 def _fuse_lokr(pieces, rows: int) -> dict[str, torch.Tensor] | None:
     """LoKr pieces sharing w2 and scale and tiling the rows in multiples of its block fuse by stacking w1."""
     first = pieces[0][1]
-    if "lokr_w1" not in first or "lokr_w1_a" in first:
+    if "lokr_w1" not in first or "lokr_w1_a" in first or any(WINDOW_SUFFIX in t for _, t in pieces):
         return None
     covered = sum(e - s for (s, e), _ in pieces)
     for _, t in pieces:

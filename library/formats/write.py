@@ -24,7 +24,7 @@ from library.formats.peft_alpha import adapter_metadata
 from library.formats.registry import FAMILIES
 from library.formats.regroup import fuse, kind_of, rank_of, scale_of, split, swap_halves
 from library.formats.types import Module
-from networks import adapter_from_tensors
+from networks import WINDOW_SUFFIX, adapter_from_tensors
 
 FAMILY_KEY = "loratools.family"
 
@@ -239,6 +239,9 @@ def _emit(out: dict, name: str, path: str, tensors: dict[str, torch.Tensor], spe
         return
     for suffix, value in tensors.items():
         if suffix == "alpha":
+            continue
+        if suffix == WINDOW_SUFFIX:  # back to ComfyUI's key: the offset alone, the rows being the target's
+            put(f"{name}.row_offset", torch.tensor(int(value[0]), dtype=torch.int64))
             continue
         if suffix == "lora_up.bias":
             # kohya/ComfyUI have no LoRA bias; ComfyUI's own conversion makes it a bias delta (diff_b).
