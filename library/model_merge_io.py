@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from library.checkpoint_apply import one_thread
 from library.model_merge import MergeSettings, is_elementwise, linear_merge, merge_key
 from library.model_merge_plan import MergePlan
 from library.model_normalize import normalized
@@ -33,7 +34,10 @@ from library.safetensors_io import DTYPE_NAMES, StreamingWriter, cast_clamped, o
 from library.stream_hash import StreamHasher
 
 CHUNK_BUDGET = 192 << 20  # bytes of compute-dtype chunks alive at once (inputs, base, result, temporaries)
-MAX_CHUNK_ELEMENTS = 1 << 22  # past this, larger chunks only cost memory
+# 1 MiB of float32 per tensor: the chunk of every input, the result and the temporaries stay in the caches,
+# so the dozen elementwise passes of a chunk cost little more than its read. Measured on 2 shared cores (3
+# fp16 inputs, 300 MB each): 2.5 s of CPU at 2^18 elements, 3.7 s at 2^22 (each pass out to memory).
+MAX_CHUNK_ELEMENTS = 1 << 18
 _CHUNK_ALIGN = 1 << 12  # chunks start at multiples of this: whole bytes of a bit-packed mask
 
 
@@ -174,30 +178,37 @@ def run_merge(inputs: MergeInputs, plan: MergePlan, settings: MergeSettings, wri
         raise ValueError(f"chunks of {step} elements would split a mask byte; use a multiple of 8")
     chunked = is_elementwise(settings, normalize)
 
+    with one_thread(chunked and device.type == "cpu"):  # small ops: OpenMP hand-offs would dominate
+        for key in order or visiting_order(plan, models[0]):
+            _merge_one(by_key[key], inputs, settings, writer, rounding, compute, device, normalize, chunked, step)
+            if on_key is not None:
+                on_key()
+    return rounding
+
+
+def _merge_one(item, inputs: MergeInputs, settings: MergeSettings, writer: StreamingWriter, rounding: Rounding,
+               compute: torch.dtype, device: torch.device, normalize: str | None, chunked: bool, step: int) -> None:
+    key, models = item.key, inputs.models
+
     def read_all(key: str) -> list[torch.Tensor] | None:
         if not all(key in m for m in models):
             return None
         return [_wide(m, key, compute, device) for m in models]
 
-    for key in order or visiting_order(plan, models[0]):
-        item = by_key[key]
-        source = models[item.source]
-        if not item.merge:
-            if source.dtype(key) == item.dtype:
-                source.copy_into(writer, key)
-            else:
-                writer.write(key, cast_clamped(source.read(key), item.dtype))
-        elif chunked:
-            _merge_in_chunks(inputs, item, settings, writer, rounding, compute, device, step)
-            rounding.end_key(key)
+    source = models[item.source]
+    if not item.merge:
+        if source.dtype(key) == item.dtype:
+            source.copy_into(writer, key)
         else:
-            tensors = normalized(key, read_all(key), normalize, read_all)
-            base = _wide(inputs.base, key, compute, device) if inputs.base is not None else None
-            mask = inputs.mask.get(key) if inputs.mask is not None else None
-            exact = merge_key(key, tensors, base, settings, item.strength, mask, consume=True)
-            del tensors, base, mask
-            writer.write(key, rounding.store(key, exact, item.dtype).cpu())
-            rounding.end_key(key)
-        if on_key is not None:
-            on_key()
-    return rounding
+            writer.write(key, cast_clamped(source.read(key), item.dtype))
+    elif chunked:
+        _merge_in_chunks(inputs, item, settings, writer, rounding, compute, device, step)
+        rounding.end_key(key)
+    else:
+        tensors = normalized(key, read_all(key), normalize, read_all)
+        base = _wide(inputs.base, key, compute, device) if inputs.base is not None else None
+        mask = inputs.mask.get(key) if inputs.mask is not None else None
+        exact = merge_key(key, tensors, base, settings, item.strength, mask, consume=True)
+        del tensors, base, mask
+        writer.write(key, rounding.store(key, exact, item.dtype).cpu())
+        rounding.end_key(key)
