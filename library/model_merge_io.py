@@ -19,6 +19,7 @@ in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -60,18 +61,27 @@ class Rounding:
         self.dtypes.add(DTYPE_NAMES[dtype])
         top = torch.finfo(dtype).max
         stored = None
-        if exact.numel() and top < torch.finfo(exact.dtype).max:
-            low, high = torch.aminmax(exact)
+        if not _overflows_to_inf(dtype) and exact.numel() and top < torch.finfo(exact.dtype).max:
+            low, high = torch.aminmax(exact)  # fp8 e4m3fn saturates (or gives NaN): look before the cast
             if float(low) < -top or float(high) > top:
-                self.clamped += int((exact.abs() > top).sum())
-                stored = cast_clamped(exact, dtype)
+                stored = self._clamp(exact, dtype)
         stored = exact.to(dtype) if stored is None else stored
-        # Fused norms in the compute dtype, the difference taken in place: one temporary, no float64 copies.
+        # ‖stored − exact‖ (the difference taken in place: one temporary), fused in the compute dtype. Where
+        # the cast makes inf of a value past the range (fp16, bf16, e5m2), the error is not finite: only then
+        # is the chunk searched and clamped, so no aminmax pass over every chunk. A value that rounds down to
+        # the largest finite one needs no clamp and gives the same bytes either way.
         err = float(torch.linalg.vector_norm(stored.to(exact.dtype).sub_(exact))) ** 2
+        if not math.isfinite(err) and bool((exact.abs() > top).any()):
+            stored = self._clamp(exact, dtype)
+            err = float(torch.linalg.vector_norm(stored.to(exact.dtype).sub_(exact))) ** 2
         norm = float(torch.linalg.vector_norm(exact)) ** 2
         pending = self._key.get(key, (0.0, 0.0))
         self._key[key] = (pending[0] + err, pending[1] + norm)
         return stored
+
+    def _clamp(self, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        self.clamped += int(torch.count_nonzero(exact.abs() > torch.finfo(dtype).max))
+        return cast_clamped(exact, dtype)
 
     def end_key(self, key: str) -> None:
         err, norm = self._key.pop(key, (0.0, 0.0))
@@ -89,6 +99,13 @@ class Rounding:
         if self.worst[1]:
             out += f", worst {self.worst[0]:.3g} ({self.worst[1]})"
         return out + (f"; {self.clamped} values clamped to the dtype's range" if self.clamped else "")
+
+
+@functools.cache
+def _overflows_to_inf(dtype: torch.dtype) -> bool:
+    """Whether casting a float32 value past `dtype`'s range gives inf (fp16, bf16, fp8 e5m2) rather than the
+    maximum or NaN (fp8 e4m3fn, which has no inf; torch versions differ in which)."""
+    return bool(torch.tensor([torch.finfo(torch.float32).max]).to(dtype).float().isinf().all())
 
 
 class MergeInputs(ExitStack):

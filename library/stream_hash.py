@@ -8,9 +8,10 @@ waits for the worker and returns path → hex digest. So a digest is always hash
 whatever the pass read and in whichever order, and a pass in file order reads no byte twice.
 
 hashlib releases the GIL on buffers over 2 KiB (as do readinto and torch's kernels), so the hashing runs on
-another core beside the merge instead of as a separate read of every input before it. At most MAX_PENDING
-buffers wait for the worker (offering blocks until there is room), so memory stays bounded when the disk
-is faster than the hash. The caller must not change a buffer after offering it.
+another core beside the merge instead of as a separate read of every input before it. Buffers of up to
+MAX_PENDING_BYTES in all wait for the worker (offering blocks until there is room; one buffer always goes),
+so the two threads can drift apart by many chunks while memory stays bounded. The caller must not change
+a buffer after offering it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterable
 
 from library.errors import LoraToolsError
 
-MAX_PENDING = 2
+MAX_PENDING_BYTES = 64 << 20
 _BLOCK = 1 << 24  # reads of the gaps (bytes the pass never read: headers, copied keys)
 
 
@@ -42,7 +43,9 @@ class StreamHasher:
         self._files = {}
         for p in paths:
             self._files.setdefault(os.path.abspath(p), _Digest(os.path.abspath(p)))
-        self._queue: queue.Queue = queue.Queue(maxsize=MAX_PENDING)
+        self._queue: queue.Queue = queue.Queue()
+        self._room = threading.Condition()
+        self._pending = 0  # bytes of the buffers queued and not hashed yet
         self._error: tuple[str, OSError] | None = None
         self._abandon = False
         self._thread = threading.Thread(target=self._work, name="loratools-sha256", daemon=True)
@@ -66,9 +69,13 @@ class StreamHasher:
         if end <= digest.cursor:
             return
         if offset > digest.cursor:
-            self._queue.put((digest, digest.cursor, offset, None))
+            self._queue.put((digest, digest.cursor, offset, None))  # a gap holds no memory: the worker reads it
         elif offset < digest.cursor:
             data = data[digest.cursor - offset:]
+        with self._room:
+            while self._pending and self._pending + len(data) > MAX_PENDING_BYTES:
+                self._room.wait()
+            self._pending += len(data)
         self._queue.put((digest, 0, 0, data))
         digest.cursor = end
 
@@ -78,15 +85,20 @@ class StreamHasher:
             if item is None:
                 return
             digest, start, stop, data = item
-            if self._abandon or self._error is not None:
-                continue
             try:
+                if self._abandon or self._error is not None:
+                    continue
                 if data is None:
                     self._hash_range(digest, start, stop)
                 else:
                     digest.sha.update(data)
             except OSError as exc:
                 self._error = (digest.path, exc)
+            finally:
+                if data is not None:
+                    with self._room:
+                        self._pending -= len(data)
+                        self._room.notify()
 
     @staticmethod
     def _hash_range(digest: _Digest, start: int, stop: int) -> None:
