@@ -65,13 +65,14 @@ class Rounding:
             low, high = torch.aminmax(exact)  # fp8 e4m3fn saturates (or gives NaN): look before the cast
             if float(low) < -top or float(high) > top:
                 stored = self._clamp(exact, dtype)
+        searched = stored is not None
         stored = exact.to(dtype) if stored is None else stored
         # ‖stored − exact‖ (the difference taken in place: one temporary), fused in the compute dtype. Where
         # the cast makes inf of a value past the range (fp16, bf16, e5m2), the error is not finite: only then
         # is the chunk searched and clamped, so no aminmax pass over every chunk. A value that rounds down to
         # the largest finite one needs no clamp and gives the same bytes either way.
         err = float(torch.linalg.vector_norm(stored.to(exact.dtype).sub_(exact))) ** 2
-        if not math.isfinite(err) and bool((exact.abs() > top).any()):
+        if not searched and not math.isfinite(err) and bool((exact.abs() > top).any()):
             stored = self._clamp(exact, dtype)
             err = float(torch.linalg.vector_norm(stored.to(exact.dtype).sub_(exact))) ** 2
         norm = float(torch.linalg.vector_norm(exact)) ** 2

@@ -216,3 +216,21 @@ def test_update_metadata_keeps_the_header_length(tmp_path):
         with StreamingWriter(tmp_path / "p.safetensors", {"a": (torch.float32, (3,))}) as w:
             w.write_flat("a", 0, torch.ones(2))
     assert temp_files(tmp_path) == [] and not (tmp_path / "p.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn])
+def test_rounding_clamps_and_counts_like_a_whole_cast(dtype):
+    from library.model_merge_io import Rounding
+    from library.safetensors_io import cast_clamped
+
+    top = torch.finfo(dtype).max
+    high = torch.finfo(torch.float32).max if dtype == torch.bfloat16 else 2.5 * top  # past the range, finite
+    values = torch.tensor([0.5, -3.0, high, -high, 1e-3, 7.0, high / 2, 0.25], dtype=torch.float32)
+    whole, chunked = Rounding(), Rounding()
+    stored = whole.store("k", values, dtype)
+    parts = [chunked.store("k", values[i:i + 3], dtype) for i in range(0, 8, 3)]
+    whole.end_key("k")
+    chunked.end_key("k")
+    want = cast_clamped(values, dtype)
+    assert stored.float().equal(want.float()) and torch.cat(parts).float().equal(want.float())
+    assert whole.clamped == chunked.clamped == (2 if dtype == torch.bfloat16 else 3) and torch.isfinite(stored.float()).all()
