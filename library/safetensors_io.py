@@ -239,6 +239,7 @@ class LazyReader:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._handle = None
+        self._fd: int | None = None  # kept open for positioned reads (read_flat), closed by close()
         self._state: dict[str, torch.Tensor] | None = None
         if not os.path.exists(self.path):
             raise LoraToolsError("no such file", file=self.path)
@@ -270,9 +271,17 @@ class LazyReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __del__(self) -> None:  # a reader dropped without close() must not keep its descriptor
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
     def close(self) -> None:
         self._handle = None
         self._state = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def keys(self) -> list[str]:
         if self._state is not None:
@@ -355,10 +364,23 @@ class LazyReader:
         if tensor.numel() == 0:
             return
         view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            if f.readinto(view) != len(view):
-                raise LoraToolsError("file ends inside the tensor's data (truncated?)", file=self.path, key=key)
+        if hasattr(os, "preadv"):
+            # One positioned read on a descriptor kept open: a chunked merge makes thousands of small reads,
+            # and an open/seek/close each cost more than the read of a chunk from the page cache.
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            done = 0
+            while done < len(view):
+                n = os.preadv(self._fd, [view[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+        else:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                done = f.readinto(view)
+        if done != len(view):
+            raise LoraToolsError("file ends inside the tensor's data (truncated?)", file=self.path, key=key)
         if self.tap is not None:
             self.tap(offset, view)
 
