@@ -10,11 +10,12 @@ visited in model A's file order, so that every input is read front to back.
 Elementwise merges (weighted_sum, add_difference, task_arithmetic, with block/key weights, --te_ratio and
 --mask; `model_merge.is_elementwise`) go through each tensor in chunks of `chunk_elements` flat elements:
 a slice of every input is read from its file offset, merged, measured and written at its offset, so the
-memory held is CHUNK_BUDGET whatever the number of inputs or the size of the largest tensor, and the
-result is bit-identical to the whole-tensor one (`linear_merge`). The other methods need statistics of
+memory held is a few MiB per input (never over CHUNK_BUDGET in all), whatever the size of the largest
+tensor, and the result is bit-identical to the whole-tensor one (`linear_merge`). The other methods need statistics of
 the whole tensor (TIES/magnitude ranks, DARE's per-tensor random stream, slerp's angle, --protect_a,
---normalize) and hold each input's tensor in the compute dtype: about (inputs + 3) × the largest tensor
-in float32.
+--normalize) and hold each input's tensor in the compute dtype, (inputs + 3) × the largest tensor in
+float32 at least; DARE's draws and the TIES stacks and sign votes take more (measured: 4.2 GB for
+dare_ties of 3 inputs holding SDXL's 253 MB token embedding, about 16 × that tensor).
 """
 
 from __future__ import annotations
