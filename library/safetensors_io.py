@@ -274,7 +274,8 @@ class LazyReader:
     def __del__(self) -> None:  # a reader dropped without close() must not keep its descriptor
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
-            os.close(fd)
+            with contextlib.suppress(Exception):  # at interpreter exit `os` may already be gone
+                os.close(fd)
 
     def close(self) -> None:
         self._handle = None
