@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> dict:
     from library.model_merge_plan import build_plan
     from library.model_setup import detect_places, strengths_from_args
     from library.precision import parse_dtype
-    from library.recipe import RECIPE_KEY, apply_recipe, check_inputs, input_hashes, recipe_text
+    from library.recipe import RECIPE_KEY, apply_recipe, check_inputs, check_setup, placeholder_hashes, recipe_text
     from library.safetensors_io import StreamingWriter
 
     recipe = apply_recipe(args, vars(setup_parser().parse_args([])), args.recipe) if args.recipe else None
@@ -113,17 +113,27 @@ def main(args: argparse.Namespace) -> dict:
                 print(f"  {'merge' if k.merge else 'copy '} {k.key}" + (f" (s={k.strength:g})" if k.merge else f" ({k.why})"))
         if args.dry_run:
             return {"plan": plan}
-        hashes = input_hashes(inputs.files() + ([args.mask] if args.mask else []))
+        files = inputs.files() + ([args.mask] if args.mask else [])
         if recipe is not None:
-            check_inputs(recipe, hashes, device.type, args.recipe)
-        text = recipe_text(args, device.type, hashes)
-        meta = checkpoint_metadata(inputs.models[0].metadata, script="merge_models.py", args=args, inputs=list(hashes),
-                                   seed=args.seed if name.startswith("dare") else None, extra={RECIPE_KEY: text})
+            check_setup(recipe, files, device.type, args.recipe)  # the hashes: once the merge has read the inputs
+
+        def metadata(hashes: dict[str, str]) -> tuple[str, dict[str, str]]:
+            text = recipe_text(args, device.type, hashes)
+            return text, checkpoint_metadata(inputs.models[0].metadata, script="merge_models.py", args=args,
+                                             inputs=list(hashes), hashes=hashes, extra={RECIPE_KEY: text},
+                                             seed=args.seed if name.startswith("dare") else None)
+        text, meta = metadata(placeholder_hashes(files))  # same length as the real ones, patched at the end
         specs = {k.key: (k.dtype, k.shape) for k in plan.keys}
         bar = progress(range(len(plan.keys)), desc="merge", total=len(plan.keys), enabled=sys.stderr.isatty())
-        with StreamingWriter(save_to, specs, meta, inputs=paths, overwrite=args.overwrite) as writer:
+        with StreamingWriter(save_to, specs, meta, inputs=paths, overwrite=args.overwrite) as writer, \
+                inputs.hash_while_reading(files) as hasher:
             rounding = run_merge(inputs, plan, settings, writer, compute=compute_dtype(args), device=device,
                                  normalize=args.normalize, on_key=lambda: bar.update(1))
+            hashes = hasher.digests()  # the inputs hashed from the bytes the merge read, on a second thread
+            if recipe is not None:
+                check_inputs(recipe, hashes, device.type, args.recipe)  # before the output is renamed into place
+            text, meta = metadata(hashes)
+            writer.update_metadata(meta)
         bar.close()
     if recipe_out is not None:
         write_bytes(recipe_out, text.encode("utf-8"))

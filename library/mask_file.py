@@ -140,6 +140,25 @@ class MaskFile:
         """The key's mask as a bool tensor of the model's shape."""
         return unpack_bits(self.packed(key), self.shape(key))
 
+    def get_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Parameters [start, stop) of the key's flattened mask (start a multiple of 8: whole bytes), unpacked
+        from just those bytes, for a merge that works through a tensor in chunks."""
+        if start % 8:
+            raise ValueError(f"a mask chunk starts at a multiple of 8 parameters, not {start}")
+        shape = self.shape(key)
+        count = math.prod(shape)
+        if not 0 <= start <= stop <= count:
+            raise ValueError(f"{key}: parameters [{start}, {stop}) outside its {count}")
+        first, last = start // 8, (stop + 7) // 8
+        packed = self._reader.read_flat(key, first, last)
+        tail = count % 8
+        if tail and last == packed_size(shape) and last > first and int(packed[-1]) >> tail:
+            raise LoraToolsError("mask has bits set past the end of the tensor (corrupt mask)", file=self.path, key=key)
+        return unpack_bits(packed, (8 * (last - first),))[:stop - start]
+
+    def file_readers(self) -> list[LazyReader]:
+        return [self._reader]
+
     def count(self, key: str) -> int:
         """Selected parameters of `key`, counted without unpacking."""
         return count_selected(self.packed(key))

@@ -126,15 +126,18 @@ def input_keys(paths: Iterable[str]) -> dict[str, str]:
             depth[p] += 1
 
 
-def provenance(script: str, args: object, inputs: Iterable[str], *, seed: int | None = None) -> dict[str, str]:
-    """Our own record of how a file was made: tool version, parameters, inputs' sha256, seed."""
+def provenance(script: str, args: object, inputs: Iterable[str], *, seed: int | None = None,
+               hashes: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Our own record of how a file was made: tool version, parameters, inputs' sha256, seed. `hashes`
+    (absolute path → sha256) gives digests already known (a merge hashes its inputs while reading them)."""
+    digest = file_sha256 if hashes is None else (lambda p: hashes[os.path.abspath(p)])
     params = {k: v for k, v in vars(args).items() if k not in ("debug", "verbose", "overwrite", "dry_run")} \
         if args is not None else {}
     meta = {
         PROVENANCE_PREFIX + "version": __version__,
         PROVENANCE_PREFIX + "script": script,
         PROVENANCE_PREFIX + "parameters": json.dumps(params, default=str, sort_keys=True),
-        PROVENANCE_PREFIX + "inputs": json.dumps({key: file_sha256(p) for key, p in input_keys(inputs).items()},
+        PROVENANCE_PREFIX + "inputs": json.dumps({key: digest(p) for key, p in input_keys(inputs).items()},
                                                  sort_keys=True),
     }
     if seed is not None:
@@ -143,12 +146,13 @@ def provenance(script: str, args: object, inputs: Iterable[str], *, seed: int | 
 
 
 def checkpoint_metadata(base: Mapping[str, str], *, script: str, args: object, inputs: Iterable[str],
-                        seed: int | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+                        seed: int | None = None, extra: Mapping[str, str] | None = None,
+                        hashes: Mapping[str, str] | None = None) -> dict[str, str]:
     """Metadata of a checkpoint we merged LoRAs into: the checkpoint's own, without the hashes that
     described the old weights, then `extra` (modelspec, base model name) and our provenance."""
     meta = {k: v for k, v in base.items() if k not in STALE_ON_WRITE}
     meta.update(extra or {})
-    meta.update(provenance(script, args, inputs, seed=seed))
+    meta.update(provenance(script, args, inputs, seed=seed, hashes=hashes))
     return meta
 
 

@@ -79,6 +79,43 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return float(torch.sin((1 - t) * theta) / sin) * a + float(torch.sin(t * theta) / sin) * b
 
 
+LINEAR_METHODS = ("weighted_sum", "add_difference", "add")
+
+
+def is_elementwise(settings: MergeSettings, normalize: str | None = None) -> bool:
+    """True when every output element depends only on the same element of the inputs (no per-tensor norm,
+    rank or random draw): the merge may then go through a tensor chunk by chunk with the same result."""
+    return settings.method in LINEAR_METHODS and not (settings.protect > 0 and settings.has_base) and normalize is None
+
+
+def linear_merge(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, settings: MergeSettings,
+                 strength: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """weighted_sum, add_difference and task_arithmetic ("add"), then the strength and the mask, on whole
+    tensors or on any same slice of them. Only elementwise multiplies, adds and selects, each rounded on
+    its own (no `add_(alpha=)`, whose vector loop may fuse into an FMA and its scalar tail not), so an
+    element's value does not depend on where a chunk starts: chunked and whole results are bit-identical.
+    The inputs are not changed (a hashing thread may still be reading their buffers)."""
+    a = tensors[0]
+    if settings.method == "weighted_sum":
+        merged = a * float(settings.ratios[0])
+        for r, t in zip(settings.ratios[1:], tensors[1:]):
+            merged += t * float(r)
+    else:
+        anchor = base if base is not None else a
+        first = 0 if base is not None else 1
+        total = None
+        for r, t in zip(settings.ratios[first:], tensors[first:]):
+            tau = t - anchor
+            tau *= float(r)
+            total = tau if total is None else total.add_(tau)
+        merged = anchor.clone() if total is None else total.add_(anchor)
+    if strength != 1:
+        merged = merged.sub_(a).mul_(float(strength)).add_(a)
+    if mask is not None:
+        merged = torch.where(mask.to(merged.device), merged, a)
+    return merged
+
+
 def merge_key(key: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None, settings: MergeSettings,
               strength: float = 1.0, mask: torch.Tensor | None = None,
               dare_masks: Sequence[torch.Tensor] | None = None, consume: bool = False) -> torch.Tensor:
@@ -89,11 +126,9 @@ def merge_key(key: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | No
     `dare_masks` replaces them (tests). With `consume`, the tensors of B, C, … become their task vectors in
     place (the streaming run's own copies: n − 1 fewer full-size temporaries)."""
     a = tensors[0]
-    if settings.method == "weighted_sum":
-        merged = tensors[0] * float(settings.ratios[0])
-        for r, t in zip(settings.ratios[1:], tensors[1:]):
-            merged.add_(t, alpha=float(r))
-    elif settings.method == "slerp":
+    if settings.method in LINEAR_METHODS and not (settings.protect > 0 and base is not None):
+        return linear_merge(tensors, base, settings, strength, mask)
+    if settings.method == "slerp":
         r_a, r_b = settings.ratios
         merged = slerp(a, tensors[1], strength * r_b / (r_a + r_b))
         strength = 1.0

@@ -71,7 +71,13 @@ def check_inputs(data: dict, hashes: dict[str, str], device_type: str, path: str
         if want is not None and want != digest:
             raise LoraToolsError(f"the recipe was made from a file with sha256 {want[:12]}…, this one is "
                                  f"{digest[:12]}…; a replay would not give the same result", file=file)
-    missing = sorted(set(recorded) - set(hashes))
+    check_setup(data, hashes, device_type, path)
+
+
+def check_setup(data: dict, files, device_type: str, path: str) -> None:
+    """The checks of `check_inputs` that need no hash (every recorded input read, the device type), made
+    before the merge; the hashes are known, and checked, only once it has read every input."""
+    missing = sorted(set(data.get("sha256", {})) - {os.path.abspath(f) for f in files})
     if missing:
         raise LoraToolsError(f"the recipe's inputs {missing} are not read by this run", file=path)
     if data.get("device_type") not in (None, device_type):
@@ -83,3 +89,12 @@ def input_hashes(files) -> dict[str, str]:
     from library.metadata import file_sha256
 
     return {os.path.abspath(f): file_sha256(f) for f in files}
+
+
+PLACEHOLDER_SHA256 = "0" * 64
+
+
+def placeholder_hashes(files) -> dict[str, str]:
+    """Same-length stand-ins for the sha256 of `files`: the header is written with them first and patched
+    (StreamingWriter.update_metadata) once the merge has read, and so hashed, every input."""
+    return {os.path.abspath(f): PLACEHOLDER_SHA256 for f in files}

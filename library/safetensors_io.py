@@ -232,9 +232,14 @@ class LazyReader:
     pickle, is loaded as a pickle, with `weights_only=True`.
     """
 
+    # Given (file offset, bytes) of every buffer `read`/`read_flat` fill: library.stream_hash hashes the
+    # inputs from the bytes a merge reads anyway.
+    tap = None
+
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._handle = None
+        self._fd: int | None = None  # kept open for positioned reads (read_flat), closed by close()
         self._state: dict[str, torch.Tensor] | None = None
         if not os.path.exists(self.path):
             raise LoraToolsError("no such file", file=self.path)
@@ -266,9 +271,18 @@ class LazyReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __del__(self) -> None:  # a reader dropped without close() must not keep its descriptor
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            with contextlib.suppress(Exception):  # at interpreter exit `os` may already be gone
+                os.close(fd)
+
     def close(self) -> None:
         self._handle = None
         self._state = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def keys(self) -> list[str]:
         if self._state is not None:
@@ -331,14 +345,45 @@ class LazyReader:
             return self._tensor_from_state(key)
         info = self._info(key)
         tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
-        if tensor.numel() == 0:
-            return tensor
-        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-        with open(self.path, "rb") as f:
-            f.seek(self.header.data_start + info.begin)
-            if f.readinto(view) != info.end - info.begin:
-                raise LoraToolsError("file ends inside the tensor's data (truncated?)", file=self.path, key=key)
+        self._read_into(tensor, key, self.header.data_start + info.begin)
         return tensor
+
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor (C order) in their own 1-D storage, read from their
+        offset in the file: a chunked pass holds a slice of each input, never the whole tensor."""
+        if self._state is not None:
+            return self._tensor_from_state(key).reshape(-1)[start:stop]
+        info = self._info(key)
+        count = math.prod(info.shape)
+        if not 0 <= start <= stop <= count:
+            raise ValueError(f"{key}: elements [{start}, {stop}) outside its {count}")
+        tensor = torch.empty(stop - start, dtype=DTYPES[info.dtype])
+        self._read_into(tensor, key, self.header.data_start + info.begin + start * _ITEMSIZE[info.dtype])
+        return tensor
+
+    def _read_into(self, tensor: torch.Tensor, key: str, offset: int) -> None:
+        if tensor.numel() == 0:
+            return
+        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        if hasattr(os, "preadv"):
+            # One positioned read on a descriptor kept open: a chunked merge makes thousands of small reads,
+            # and an open/seek/close each cost more than the read of a chunk from the page cache.
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            done = 0
+            while done < len(view):
+                n = os.preadv(self._fd, [view[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+        else:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                done = f.readinto(view)
+        if done != len(view):
+            raise LoraToolsError("file ends inside the tensor's data (truncated?)", file=self.path, key=key)
+        if self.tap is not None:
+            self.tap(offset, view)
 
     def copy_into(self, writer: StreamingWriter, key: str) -> None:
         """Write this tensor's stored bytes unchanged into `writer` (kernel copy where the file allows it)."""
@@ -350,6 +395,10 @@ class LazyReader:
     def files(self) -> list[str]:
         """The files this reader reads (for provenance hashes and output checks)."""
         return [self.path]
+
+    def file_readers(self) -> list[LazyReader]:
+        """The single-file readers underneath (this one), e.g. to give each a `tap`."""
+        return [self]
 
     def file_order(self) -> list[str]:
         """Keys in the order their bytes lie in the file, so a pass over them reads sequentially."""
@@ -452,6 +501,7 @@ class StreamingWriter:
         self._data_size = offset
         self._header_bytes = self._encode_header(self._metadata)
         self._written: set[str] = set()
+        self._partial: dict[str, int] = {}  # elements written of keys written in chunks (write_flat)
         self._out: AtomicFile | None = None
         self._file = None
 
@@ -500,6 +550,40 @@ class StreamingWriter:
         if tuple(tensor.shape) != info.shape:
             raise ValueError(f"{key}: planned shape {info.shape}, got {tuple(tensor.shape)}")
         self._write_bytes(key, info, tensor_bytes(cast_clamped(tensor, dtype)))
+
+    def write_flat(self, key: str, start: int, tensor: torch.Tensor) -> None:
+        """Write elements [start, start + numel) of a planned key's flattened tensor (C order), a chunk of it:
+        the key counts as written once as many elements as it holds have been (each chunk written once)."""
+        info = self._entries.get(key)
+        if info is None or key in self._written:
+            self._entry(key)  # the error: not planned, or written twice
+        dtype = DTYPES[info.dtype]
+        size = _ITEMSIZE[info.dtype]
+        count = (info.end - info.begin) // size if size else 0
+        if tensor.dim() != 1 or not 0 <= start <= start + tensor.numel() <= count:
+            raise ValueError(f"{key}: a 1-D chunk [{start}, {start + tensor.numel()}) must lie in its {count} elements")
+        data = tensor_bytes(cast_clamped(tensor, dtype))
+        with self._disk():
+            self._file.seek(len(self._header_bytes) + info.begin + start * size)
+            self._file.write(data)
+        done = self._partial.pop(key, 0) + tensor.numel()
+        if done >= count:
+            self._written.add(key)
+        else:
+            self._partial[key] = done
+
+    def update_metadata(self, updates: Mapping[str, str]) -> None:
+        """Rewrite header metadata values known only at the end (input hashes read while writing): the new
+        header must be exactly as long as the planned one, so write the planned values as same-length
+        placeholders (64 zeros for a sha256)."""
+        metadata = dict(self._metadata, **updates)
+        header = self._encode_header(metadata)
+        if len(header) != len(self._header_bytes):
+            raise ValueError(f"the new metadata changes the header's length ({len(self._header_bytes)} → {len(header)})")
+        with self._disk():
+            self._file.seek(0)
+            self._file.write(header)
+        self._metadata, self._header_bytes = metadata, header
 
     def write_raw(self, key: str, data: bytes | memoryview) -> None:
         """Write already-encoded bytes (e.g. copied from an input) for a planned key."""
@@ -708,6 +792,12 @@ class ShardedReader:
 
     def read(self, key: str) -> torch.Tensor:
         return self._reader(key).read(key)
+
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._reader(key).read_flat(key, start, stop)
+
+    def file_readers(self) -> list[LazyReader]:
+        return list(self.readers.values())
 
     def copy_into(self, writer: StreamingWriter, key: str) -> None:
         self._reader(key).copy_into(writer, key)
