@@ -15,8 +15,10 @@ For every pair of files (A, B) and every weight both change:
 Inner products, norms and singular vectors are exact from the factors (LoHa/LoKr through their exact
 low-rank form), never an out×in matrix; signs have no factored form, so sign_conflict builds the dense
 deltas of one layer at a time, a block of rows at a time. The overall line per pair counts every weight
-either file changes (cosine, relative_norm) or both change (sign_conflict). Strength is not applied; DoRA
-modules count with their low-rank direction (their final delta needs the base weight).
+either file changes (cosine, relative_norm) or both change (sign_conflict). Bias deltas (`diff_b`, `b_norm`,
+a LoRA's own `lora_up.bias` times alpha/rank) are rows of their own, keyed `….bias`, and count in the overall
+figures like a weight. Strength is not applied; DoRA modules count with their low-rank direction (their final
+delta needs the base weight).
 """
 
 from __future__ import annotations
@@ -107,14 +109,14 @@ def main(args: argparse.Namespace) -> list[dict]:
         destination = checked_png(args.plot, args.models, args.overwrite)
     from library.cli import progress
     from library.inputs import read_loras
-    from library.lora_stats import compare_pair, target_factors
+    from library.lora_stats import compare_pair, target_biases, target_factors
 
     loras = read_loras(args.models, args.family)
     families = {lora.family for lora in loras}
     if len(families) > 1:
         listed = ", ".join(f"{p} is {lora.family}" for p, lora in zip(args.models, loras))
         raise LoraToolsError(f"the LoRAs are for different model families ({listed})")
-    factors = [target_factors(lora) for lora in loras]
+    factors = [{**target_factors(lora), **target_biases(lora)} for lora in loras]  # bias deltas: rows of their own
     names = _names(args.models)
     index_pairs = [(i, j) for i in range(len(loras)) for j in range(i + 1, len(loras))]
     pairs = []

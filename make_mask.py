@@ -22,7 +22,8 @@ Methods (ComfyUI-DareMerge's maskers, with their bugs fixed):
   report      share of selected parameters (--masks) or per-layer norms of --model (‖A‖, ‖A − base‖)
 --edit PATTERN=on|off|random:RATE|gaussian:MEAN:STD:THRESHOLD (repeatable, any method but report; later rules
 win) replaces the mask of the keys matching the glob PATTERN (PATTERN also matches every key under PATTERN.):
-on/off, a Bernoulli(RATE) draw, or MEAN + STD·N(0,1) > THRESHOLD.
+on/off, a Bernoulli(RATE) draw, or MEAN + STD·N(0,1) > THRESHOLD. With quad the rules pick which parameters
+take part in the split (off: in no part; on/drawn: in its one part), so the four parts stay disjoint.
 --report FILE.json: per-layer, per-block and total counts; --plot FILE.png needs matplotlib
 (pip install -r requirements-extras.txt). Inputs: single-file or sharded checkpoints, .ckpt (weights only).
 """

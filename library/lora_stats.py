@@ -23,6 +23,7 @@ from library.block_weights import webui_block
 from library.formats.registry import FAMILIES
 from library.formats.types import LoraFile
 from library.lowrank import factored_svd
+from library.merge_plan import bias_key, bias_scale
 from networks import adapter_from_tensors
 from networks.base import Adapter, identity_factors
 
@@ -135,6 +136,27 @@ def target_factors(lora: LoraFile, keys: set[str] | None = None) -> dict[str, Fa
         shapes[target.key] = shape
     return {key: Factored(torch.cat([u for u, _ in pairs], 1), torch.cat([d for _, d in pairs], 0), shapes[key])
             for key, pairs in parts.items()}
+
+
+def target_biases(lora: LoraFile) -> dict[str, Factored]:
+    """The file's bias delta per canonical bias key (`….weight` → `….bias`) as an [out, 1] delta (up = the
+    summed bias columns, down = ones), scaled as a merge applies it (merge_plan.bias_scale); slices of a fused
+    weight padded to its rows. A bias is a parameter of its own, so it is compared as its own row."""
+    table = FAMILIES[lora.family].table.shapes
+    columns: dict[str, list[torch.Tensor]] = {}
+    for module in lora.modules:
+        adapter = adapter_from_tensors(module.tensors, module.source, dora_axis=module.dora_axis)
+        if adapter.bias_delta is None:
+            continue
+        target = module.target
+        column = adapter.bias_delta.double().reshape(-1, 1) * bias_scale(module, adapter)
+        if target.rows:
+            padded = torch.zeros(tuple(table.get(target.key, target.shape))[0], 1, dtype=torch.float64)
+            padded[target.rows[0]:target.rows[1]] = column
+            column = padded
+        columns.setdefault(bias_key(target.key), []).append(column)
+    return {key: Factored(torch.cat(cols, 1), torch.ones(len(cols), 1, dtype=torch.float64), (cols[0].shape[0],))
+            for key, cols in columns.items()}
 
 
 def block_of(family: str, key: str) -> str:

@@ -161,9 +161,10 @@ def _make(args, stack, rules, inputs, outputs) -> dict | None:
                for i, p in enumerate(outputs)]
     rows: list[list[MaskRow]] = [[] for _ in writers]
     for key in progress(keys, desc=f"make_mask {method}", enabled=sys.stderr.isatty()):
-        for i, packed in enumerate(build(key)):
-            if any(rule.matches(key) for rule in rules):
-                packed = pack_bits(M.apply_edits(key, unpack_bits(packed, shapes[key]), rules, args.seed))
+        parts = build(key)
+        if any(rule.matches(key) for rule in rules):
+            parts = _edited(parts, key, shapes[key], rules, args.seed)
+        for i, packed in enumerate(parts):
             writers[i].write_packed(key, packed)
             rows[i].append(MaskRow(key, count_selected(packed), int(torch.Size(shapes[key]).numel())))
     reports = {"method": method, "masks": {}}
@@ -172,6 +173,19 @@ def _make(args, stack, rules, inputs, outputs) -> dict | None:
         reports["masks"][writer.path] = summary
         print(format_mask_summary(summary, f"wrote {writer.path}", args.verbose))
     return reports
+
+
+def _edited(parts: list[torch.Tensor], key: str, shape, rules: list[M.EditRule], seed: int) -> list[torch.Tensor]:
+    """The packed mask(s) of `key` after the --edit rules.
+
+    One mask: the rules replace it. The four quad parts: the rules say which entries take part in the split
+    (off → in no part; on, random, gaussian → the selected entries stay in the one part the quad draw gave
+    them), so the parts stay disjoint; editing each part on its own would put an entry switched on in all four.
+    """
+    if len(parts) == 1:
+        return [pack_bits(M.apply_edits(key, unpack_bits(parts[0], shape), rules, seed))]
+    taking_part = pack_bits(M.apply_edits(key, M.simple_mask(shape, True), rules, seed))
+    return [packed & taking_part for packed in parts]  # padding bits are 0 in both
 
 
 def _agreed_shapes(keys, sources) -> dict[str, tuple[int, ...]]:

@@ -101,6 +101,13 @@ def _fits(reader_shape: tuple[int, ...], placement: Placement, target: Target) -
     return math.prod(reader_shape[1:]) == math.prod(target.shape[1:])
 
 
+def bias_scale(module: Module, adapter: Adapter) -> float:
+    """The factor of a module's bias delta: a LoRA's own bias (`lora_up.bias`, PEFT's lora_B.bias) is scaled by
+    alpha/rank like its product; a bias difference (`diff_b`, `b_norm`) is applied as stored."""
+    own = "lora_up.bias" in module.tensors and "diff_b" not in module.tensors and "b_norm" not in module.tensors
+    return adapter.scale if own else 1.0
+
+
 def bias_key(weight_key: str) -> str:
     """The bias stored next to a weight (`….weight` → `….bias`, OpenCLIP `in_proj_weight` → `in_proj_bias`)."""
     if weight_key.endswith(".weight"):
@@ -155,7 +162,6 @@ def _place_module(plan: Plan, reader, keys: set[str], inp: LoraInput, module: Mo
     if adapter.kind != "full" or module.tensors.get("diff", module.tensors.get("w_norm")) is not None:
         changes += [Contribution(source, adapter, strength, module.target, p) for p in placements]
     if adapter.bias_delta is not None:
-        own = "lora_up.bias" in module.tensors and "diff_b" not in module.tensors and "b_norm" not in module.tensors
         for p in placements:
             bkey = bias_key(p.checkpoint_key)
             bp = Placement(bkey, p.checkpoint_rows, p.target_rows, p.swap)
@@ -163,7 +169,7 @@ def _place_module(plan: Plan, reader, keys: set[str], inp: LoraInput, module: Mo
                 plan.unmatched.append(f"{source} -> {bkey} (bias delta, but the checkpoint has no such bias)")
                 return
             changes.append(Contribution(source, adapter, strength, module.target, bp, bias=True,
-                                        bias_scale=adapter.scale if own else 1.0))
+                                        bias_scale=bias_scale(module, adapter)))
     for c in changes:
         plan.add(c)
     plan.matched.append((inp.path, module.source, module.target.component))

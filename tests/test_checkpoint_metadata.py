@@ -30,8 +30,9 @@ def test_checkpoint_metadata_drops_stale_hashes(tmp_path):
 
 def test_flux_checkpoint_merge_drops_the_old_hashes(tmp_path):
     g = torch.Generator().manual_seed(0)
-    shapes = {"double_blocks.0.img_attn.proj.weight": (H, H), "double_blocks.0.txt_attn.proj.weight": (H, H),
-              "final_layer.linear.weight": (64, H), "img_in.weight": (H, 64)}
+    # the weight the LoRA changes and small ones: four Flux transformer weights, what a partial checkpoint needs
+    shapes = {"double_blocks.0.img_attn.proj.weight": (H, H), "final_layer.linear.weight": (64, H), "img_in.weight": (H, 64),
+              "time_in.in_layer.weight": (H, 256)}
     save_tensors(tmp_path / "f.safetensors", {k: (torch.randn(s, generator=g) / 20).to(torch.bfloat16)
                                               for k, s in shapes.items()}, {"note": "kept", **STALE})
     name = "lora_unet_double_blocks_0_img_attn_proj"

@@ -104,9 +104,10 @@ def test_pickle_outputs_are_refused_with_the_reason_and_the_name_to_use(tmp_path
 
 def _flux_checkpoint(path, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(7)
-    shapes = {"double_blocks.0.img_attn.proj.weight": (3072, 3072), "double_blocks.0.txt_attn.proj.weight": (3072, 3072),
-              "single_blocks.0.linear2.weight": (3072, 15360), "final_layer.linear.weight": (64, 3072),
-              "img_in.weight": (3072, 64)}
+    # full widths (layouts are found by exact shapes): the weight merged below and small ones it leaves alone,
+    # four transformer weights in all (what a partial Flux checkpoint needs)
+    shapes = {"double_blocks.0.img_attn.proj.weight": (3072, 3072), "final_layer.linear.weight": (64, 3072),
+              "img_in.weight": (3072, 64), "time_in.in_layer.weight": (3072, 256)}
     tensors = {k: (torch.randn(s, generator=g) * 0.05).to(dtype) for k, s in shapes.items()}
     save_tensors(str(path), tensors)
     return tensors
@@ -119,8 +120,12 @@ def test_flux_save_precision_fp8_into_a_checkpoint_and_into_a_lora(tmp_path):
     lpath = tmp_path / "f.safetensors"
     write_lora(str(lpath), lora, kohya_metadata("flux1", 4, 4.0))
     base = _flux_checkpoint(tmp_path / "flux.safetensors")
+    # into the checkpoint: the img_attn.proj module only (a 3072×15360 linear2 would add 100 MB for nothing checked)
+    proj = str(tmp_path / "proj.safetensors")
+    write_lora(proj, {k: v for k, v in lora.items() if k.startswith("lora_unet_double_blocks_0_img_attn_proj.")},
+               kohya_metadata("flux1", 4, 4.0))
     out = tmp_path / "merged.safetensors"
-    run_script(flux_merge_lora, ["--flux_model", tmp_path / "flux.safetensors", "--models", lpath, "--save_to", out,
+    run_script(flux_merge_lora, ["--flux_model", tmp_path / "flux.safetensors", "--models", proj, "--save_to", out,
                                  "--save_precision", "fp8"])
     merged, _ = load_tensors(str(out))
     key = "double_blocks.0.img_attn.proj.weight"

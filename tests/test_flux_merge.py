@@ -31,7 +31,13 @@ BFL_SHAPES = {  # canonical key -> shape
     "final_layer.adaLN_modulation.1.weight": (2 * H, H),
     "final_layer.linear.weight": (64, H),
     "img_in.weight": (H, 64),
+    "time_in.in_layer.weight": (H, 256),
+    "guidance_in.in_layer.weight": (H, 256),
 }
+# Small weights no LoRA here changes: with them a file holding only the weights a test changes still has the
+# four Flux transformer weights a partial checkpoint needs (flux_merge.flux_layout), and they show that what
+# no LoRA touches is copied bit for bit, at ~3 MB instead of a 38–264 MB block weight each.
+UNTOUCHED = ["final_layer.linear.weight", "img_in.weight", "time_in.in_layer.weight", "guidance_in.in_layer.weight"]
 # diffusers transformer names of the same weights (fused ones split; norm_out halves swapped).
 DIFFUSERS_OF = {
     "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0), ("transformer_blocks.0.attn.to_k", H),
@@ -44,6 +50,8 @@ DIFFUSERS_OF = {
     "final_layer.adaLN_modulation.1": [("norm_out.linear", 0)],
     "final_layer.linear": [("proj_out", 0)],
     "img_in": [("x_embedder", 0)],
+    "time_in.in_layer": [("time_text_embed.timestep_embedder.linear_1", 0)],
+    "guidance_in.in_layer": [("time_text_embed.guidance_embedder.linear_1", 0)],
 }
 
 
@@ -52,10 +60,13 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def bfl_checkpoint(path, dtype=torch.bfloat16, seed=0, keys=None, scale=0.05) -> dict[str, torch.Tensor]:
+    """BFL weights at full width (`keys` only, when given), saved to `path` unless it is None (a test that
+    only converts them to another layout need not write this file too)."""
     g = _gen(seed)
     tensors = {k: (torch.randn(s, generator=g) * scale).to(dtype) for k, s in BFL_SHAPES.items()
                if keys is None or k in keys}
-    save_tensors(path, tensors, {"note": "test"})
+    if path is not None:
+        save_tensors(path, tensors, {"note": "test"})
     return tensors
 
 
@@ -200,8 +211,8 @@ def test_reported_case_into_one_lora(ai_toolkit_pair, tmp_path):
 
 
 def test_formats_give_identical_checkpoints(tmp_path):
-    keys = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.proj.weight",
-            "double_blocks.0.txt_attn.proj.weight", "final_layer.linear.weight", "img_in.weight"]
+    # the weights the LoRA changes and the small untouched ones (each output copies every tensor)
+    keys = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.proj.weight", *UNTOUCHED]
     ck = tmp_path / "flux.safetensors"
     bfl_checkpoint(ck, torch.bfloat16, seed=3, keys=keys)
     mods = {"transformer_blocks.0.attn.to_q": (H, H), "transformer_blocks.0.attn.to_k": (H, H),
@@ -260,8 +271,7 @@ def test_diffusers_layout_checkpoint_and_sharded(ai_toolkit_pair, bfl_ckpt, tmp_
 
 
 def test_fp8_checkpoint_clamped_and_reported(tmp_path, capsys):
-    keys = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.proj.weight",
-            "final_layer.adaLN_modulation.1.weight", "final_layer.linear.weight", "img_in.weight"]
+    keys = ["double_blocks.0.img_attn.proj.weight", *UNTOUCHED]  # the weight the LoRA changes and small ones
     ck = tmp_path / "fp8.safetensors"
     base = bfl_checkpoint(ck, torch.float8_e4m3fn, seed=5, keys=keys, scale=100.0)  # values near fp8's 448 limit
     t = peft_lora(tmp_path / "big.safetensors", {"transformer_blocks.0.attn.to_out.0": (H, H)}, seed=6)
@@ -315,9 +325,9 @@ def test_text_encoder_parts_are_kept(tmp_path):
             "text_model.encoder.layers.0.self_attn.v_proj.weight": torch.randn(768, 768, generator=g),
             "text_model.encoder.layers.0.self_attn.out_proj.weight": torch.randn(768, 768, generator=g)}
     save_tensors(tmp_path / "clip_l.safetensors", clip)
-    keys = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.proj.weight",
-            "final_layer.adaLN_modulation.1.weight", "final_layer.linear.weight", "img_in.weight"]
-    bfl_checkpoint(tmp_path / "f.safetensors", torch.float32, seed=8, keys=keys)
+    # nothing here checks the Flux weights: the one the LoRA's UNet module needs and the small ones, in bf16
+    keys = ["double_blocks.0.img_attn.proj.weight", *UNTOUCHED]
+    bfl_checkpoint(tmp_path / "f.safetensors", torch.bfloat16, seed=8, keys=keys)
     run(["--flux_model", str(tmp_path / "f.safetensors"), "--clip_l", str(tmp_path / "clip_l.safetensors"),
          "--clip_l_save_to", str(tmp_path / "clip_out.safetensors"), "--models", str(tmp_path / "te.safetensors"),
          "--ratios", "0.5", "--save_to", str(tmp_path / "f_out.safetensors"), "--working_device", "cpu"])
@@ -402,9 +412,8 @@ def test_diffusers_fuse_lora_oracle(tmp_path):
 
 def test_comfy_prefixed_checkpoint_with_loha_and_kohya(tmp_path):
     """`model.diffusion_model.` checkpoint; a LyCORIS LoHa and a kohya LoRA (alpha ≠ rank) mixed in one command."""
-    keys = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.proj.weight",
-            "double_blocks.0.txt_attn.proj.weight", "final_layer.linear.weight", "img_in.weight"]
-    base = bfl_checkpoint(tmp_path / "raw.safetensors", torch.float32, seed=13, keys=keys)
+    keys = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.proj.weight", *UNTOUCHED]
+    base = bfl_checkpoint(None, torch.float32, seed=13, keys=keys)
     pre = {"model.diffusion_model." + k: v for k, v in base.items()}
     save_tensors(tmp_path / "comfy.safetensors", pre)
     g = _gen(14)
@@ -459,9 +468,8 @@ def test_svd_and_factor_modes_into_one_lora(ai_toolkit_pair, tmp_path):
 def test_xlabs_and_diffusion_model_prefixed_peft(tmp_path):
     """xlabs processors (`processor.qkv_lora1`, no alpha) and AI-Toolkit's `diffusion_model.` + BFL names, mixed,
     into a diffusers-layout checkpoint (the fused qkv delta lands on to_q/to_k/to_v)."""
-    keys = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.proj.weight",
-            "double_blocks.0.txt_attn.proj.weight", "final_layer.linear.weight", "img_in.weight"]
-    base = bfl_checkpoint(tmp_path / "bfl.safetensors", torch.float32, seed=15, keys=keys)
+    keys = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.txt_attn.proj.weight", *UNTOUCHED]
+    base = bfl_checkpoint(None, torch.float32, seed=15, keys=keys)  # only its diffusers form is read
     diffusers_checkpoint(base, tmp_path / "t.safetensors")
     g = _gen(16)
     xl = {"double_blocks.0.processor.qkv_lora1.down.weight": torch.randn(8, H, generator=g) * 0.1,

@@ -127,6 +127,26 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+class _ReservedBlocks:
+    """A file system whose reserved blocks make f_bfree (157 GB) far larger than what may be written (f_bavail)."""
+    f_bfree = 157 * 10**9 // 4096
+    f_bavail = 3
+    f_frsize = 4096
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_free_space_is_f_bavail_even_for_root(tmp_path, monkeypatch, euid):
+    # ENOSPC was seen as root with f_bfree 157 GB and f_bavail 14 GB: f_bavail is the honest figure for everyone
+    monkeypatch.setattr(destination.os, "statvfs", lambda _folder: _ReservedBlocks())
+    monkeypatch.setattr(destination.os, "geteuid", lambda: euid, raising=False)
+    assert destination.free_bytes(str(tmp_path)) == 3 * 4096
+    with pytest.raises(LoraToolsError, match=r"needs 40,\d{3} bytes but .* has 12,288 bytes free"):
+        save_tensors(tmp_path / "big.safetensors", {"w": torch.zeros(10_000)})
+    full = Destination(tmp_path / "x.safetensors").os_error(OSError(errno.ENOSPC, "No space left on device"), 5000)
+    assert "12,288 bytes free now" in str(full)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("code,needle", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
 def test_read_only_folder(tmp_path, monkeypatch, code, needle):
     def refuse(*_args, **_kwargs):

@@ -9,7 +9,17 @@ import torch
 import lora_compare
 from library.formats import read_lora
 from library.lora_stats import compare_pair, sign_conflicts, target_factors
-from tests.helpers import SD1_IN_Q, SD1_TE_Q, run_cli_status, run_script, write_lora
+from tests.helpers import (
+    KOHYA_MODULE,
+    PEFT_MODULE,
+    SD1_IN_Q,
+    SD1_TE_Q,
+    kohya_lora,
+    peft_lora,
+    run_cli_status,
+    run_script,
+    write_lora,
+)
 from tests.helpers import formula_delta as dense
 from tests.helpers import mixed_sd1_lora as mixed_lora
 
@@ -117,6 +127,42 @@ def test_cli_json_table_and_heat_map(two_files, tmp_path, capsys, one_thread):
     run_script(lora_compare, [pa, pb])
     text = capsys.readouterr().out
     assert "a ~ b: cosine" in text and "sign_conflict" in text and len(text.splitlines()) == 3 + 4
+
+
+def test_bias_deltas_are_rows_of_their_own_and_count_overall(tmp_path, capsys, one_thread):
+    g = torch.Generator().manual_seed(9)
+    a, b = mixed_lora(0), mixed_lora(1)
+    mid = "lora_unet_mid_block_attentions_0_proj_in"
+    a[f"{SD1_IN_Q}.diff_b"] = torch.randn(320, generator=g)
+    b[f"{SD1_IN_Q}.diff_b"] = 0.5 * a[f"{SD1_IN_Q}.diff_b"] + torch.randn(320, generator=g)
+    a[f"{mid}.diff_b"] = torch.randn(1280, generator=g)  # a bias-only module that only A has
+    pa, pb = write_lora(str(tmp_path / "a.safetensors"), a), write_lora(str(tmp_path / "b.safetensors"), b)
+    run_script(lora_compare, [pa, pb, "--json", "--family", "sd1"])
+    (pair,) = json.loads(capsys.readouterr().out)["pairs"]
+    q_bias = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.bias"
+    assert pair["only_in_a"] == ["model.diffusion_model.middle_block.1.proj_in.bias"]
+    (row,) = [r for r in pair["layers"] if r["target"] == q_bias]
+    va, vb = a[f"{SD1_IN_Q}.diff_b"].double(), b[f"{SD1_IN_Q}.diff_b"].double()
+    assert row["block"] == "IN01" and len(pair["layers"]) == 5 + 1
+    assert row["cosine"] == pytest.approx(float(va @ vb / (va.norm() * vb.norm())), abs=1e-9)
+    assert row["relative_norm"] == pytest.approx(float(vb.norm() / va.norm()), rel=1e-9)
+    assert row["sign_conflict"] == pytest.approx(float(((va * vb) < 0).double().mean()), abs=1e-12)
+    # Overall: weights and biases together, as one long delta vector per file
+    names = [SD1_TE_Q, *(n for n in {k.rsplit(".", 2)[0] for k in a} if n != mid and n != SD1_TE_Q)]
+    flat_a = torch.cat([dense(a, n).flatten() for n in names] + [va, a[f"{mid}.diff_b"].double()])
+    flat_b = torch.cat([dense(b, n).flatten() for n in names] + [vb, torch.zeros(1280, dtype=torch.float64)])
+    assert pair["overall"]["cosine"] == pytest.approx(float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm())), abs=1e-9)
+    assert pair["overall"]["relative_norm"] == pytest.approx(float(flat_b.norm() / flat_a.norm()), rel=1e-9)
+    # A LoRA's own bias (PEFT lora_B.bias) is scaled by alpha/rank like its product: the same delta as diff_b
+    peft, meta = peft_lora(rank=4, alpha=2.0)
+    peft[f"{PEFT_MODULE}.lora_B.bias"] = torch.randn(640, generator=g)
+    kohya = {**kohya_lora(), f"{KOHYA_MODULE}.diff_b": 0.5 * peft[f"{PEFT_MODULE}.lora_B.bias"]}
+    pp = write_lora(str(tmp_path / "peft.safetensors"), peft, meta)
+    pk = write_lora(str(tmp_path / "kohya.safetensors"), kohya)
+    run_script(lora_compare, [pp, pk, "--json", "--family", "sdxl"])
+    (pair,) = json.loads(capsys.readouterr().out)["pairs"]
+    (row,) = [r for r in pair["layers"] if r["target"].endswith(".bias")]
+    assert row["cosine"] == pytest.approx(1.0, abs=1e-12) and row["relative_norm"] == pytest.approx(1.0, rel=1e-7)
 
 
 def test_cli_refuses_one_file_and_mixed_families(two_files, tmp_path, capsys):

@@ -137,6 +137,33 @@ def test_quad_four_files_disjoint_and_covering(tmp_path, capsys):
     assert fingerprints(tmp_path) == before
 
 
+def test_quad_with_edits_stays_disjoint_against_python_sets(tmp_path):
+    # an edit on a quad set says which entries take part in the split: off → in no part, on / drawn → in the
+    # one part the quad assignment gave it, so the four parts stay pairwise disjoint whatever the rules
+    (base, _), *_ = _models(tmp_path)
+    _run(["quad", "--model", base, "--seed", "5", "--save_to", tmp_path / "plain.safetensors"])
+    rules = [f"{UNET}input_blocks.4=off", "*attn1.to_q*=on", "*attn2.to_k*=random:0.3", "*.proj_in.*=gaussian:0:1:0.5",
+             "cond_stage_model.*=off"]
+    _run(["quad", "--model", base, "--seed", "5", *(a for r in rules for a in ("--edit", r)),
+          "--save_to", tmp_path / "q.safetensors"])
+    plain = [_sets(tmp_path / f"plain.{i}.safetensors") for i in range(1, 5)]
+    parts = [_sets(tmp_path / f"q.{i}.safetensors") for i in range(1, 5)]
+    k, proj = UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", UNET + "middle_block.1.proj_in.bias"
+    fc1 = "cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1.weight"
+    drawn = {k: M.random_mask(SHAPES[k], 0.3, 5, f"{k}#edit2"),
+             proj: M.gaussian_mask(SHAPES[proj], 0, 1, 0.5, 5, f"{proj}#edit3")}
+    taking_part = {key: set(range(torch.Size(shape).numel())) for key, shape in SHAPES.items()}  # to_q: off, then on
+    taking_part.update({key: set(torch.nonzero(m.reshape(-1)).flatten().tolist()) for key, m in drawn.items()})
+    taking_part[fc1] = set()
+    for key in SHAPES:
+        for i in range(4):
+            for j in range(i + 1, 4):
+                assert not parts[i][key] & parts[j][key], (key, i, j)
+            assert parts[i][key] == plain[i][key] & taking_part[key], (key, i)
+        assert set().union(*(p[key] for p in parts)) == taking_part[key], key
+    assert 0 < len(taking_part[k]) < torch.Size(SHAPES[k]).numel() and 0 < len(taking_part[proj]) < 64
+
+
 def _mask_from_sets(path, sets):
     with MaskWriter(path, {k: SHAPES[k] for k in sets}, {}) as w:
         for key, indices in sets.items():
