@@ -53,7 +53,10 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="clamp the factors to this quantile of their values, as sd-scripts did by default (0.99); "
                         "off unless given, because the clamp only adds error")
     p.add_argument("--exact_svd", action="store_true", help="exact SVD per layer instead of the randomized one")
-    p.add_argument("--svd_iters", type=nonnegative_int, default=2, help="power iterations of the randomized SVD (default 2)")
+    p.add_argument("--svd_iters", type=nonnegative_int, default=2, help="most power iterations of the randomized SVD (default 2)")
+    p.add_argument("--svd_tol", type=finite_float, default=1e-3,
+                   help="stop the power iterations early once one improved a layer's error² by at most this share "
+                        "of it (default 0.001, error within 1.01x of the exact SVD's; 0: always --svd_iters)")
     p.add_argument("--oversample", type=nonnegative_int, default=None,
                    help="extra columns of the randomized sketch (default: the rank itself, at least 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketches (per layer)")
@@ -77,14 +80,15 @@ def options_from_args(args: argparse.Namespace):
 
     check_dynamic_flags(args.dynamic_method, args.dynamic_param)
     check_quantile(args.clamp_quantile)
-    if args.min_diff < 0:
-        raise LoraToolsError(f"--min_diff: value {args.min_diff:g} must be 0 or more (a largest |difference|)")
+    for flag, value in (("--min_diff", args.min_diff), ("--svd_tol", args.svd_tol)):
+        if value < 0:
+            raise LoraToolsError(f"{flag}: value {value:g} must be 0 or more")
     if args.v2 and args.sdxl:
         raise LoraToolsError("--v2 and --sdxl cannot both be given")
     return ExtractOptions(
         lora_type=args.lora_type, dim=args.dim, conv_dim=args.conv_dim, dynamic_method=args.dynamic_method,
         dynamic_param=args.dynamic_param, bias_diff=args.bias_diff, min_diff=args.min_diff, exact_svd=args.exact_svd,
-        svd_iters=args.svd_iters, oversample=args.oversample, clamp_quantile=args.clamp_quantile,
+        svd_iters=args.svd_iters, svd_tol=args.svd_tol or None, oversample=args.oversample, clamp_quantile=args.clamp_quantile,
         device=resolve_device(args.device), load_dtype=parse_dtype(args.load_precision),
         save_dtype=parse_dtype(args.save_precision) or parse_dtype("fp32"), seed=args.seed)
 
@@ -93,11 +97,13 @@ def main(args: argparse.Namespace) -> dict:
     from library.errors import LoraToolsError
     from library.extract.layers import plan_layers, run_extraction
     from library.extract.output import NamingOptions, choose_naming, output_tensors_and_metadata
-    from library.extract.pairs import CheckpointPair
-    from library.extract.report import build_report, format_layer, format_summary, write_report
+    from library.extract.pairs import CheckpointPair, hash_in_background
+    from library.extract.report import build_report, format_plan, format_run, write_report
     from library.lora_output import write_named_tensors
+    from library.stage_clock import StageClock, stage
 
     options = options_from_args(args)
+    clock = StageClock().start() if args.verbose else None  # the -v profile: time per stage of the whole run
     inputs = [args.model_org, args.model_tuned]
     save_to = prepare_output(args.save_to, inputs, args)
     with CheckpointPair(args.model_org, args.model_tuned, mmap=args.mmap,
@@ -112,31 +118,26 @@ def main(args: argparse.Namespace) -> dict:
             raise LoraToolsError("nothing to extract: " + ("; ".join(sorted({why for _, why in skipped})) or "no keys"),
                                  file=args.model_tuned)
         if args.dry_run:
-            for task in tasks:
-                rank = f" rank {task.rank}" if task.rank else ""
-                print(f"{task.key} -> {task.name} ({task.role}{rank}, {'x'.join(map(str, task.shape))})")
-            print(f"{len(tasks)} tensors would be extracted ({naming.describe()}); {len(skipped)} keys not extracted")
+            print("\n".join(format_plan(tasks, skipped, naming.describe())))
             return {"tasks": tasks, "skipped": skipped}
+        files = pair.files()  # their provenance sha256 is computed on another thread during the extraction:
+        hashing = None if args.no_metadata else hash_in_background(files)
         bar = (lambda it, n: progress(it, desc="extracting", total=n)) if not args.debug else None
         results = run_extraction(pair, tasks, options, bar)
-        files = pair.files()
     settings = {k: v for k, v in vars(args).items() if k not in ("debug", "config_file")}
     report = build_report(results, skipped, only_base=match.only_base, only_tuned=match.only_tuned, settings=settings)
     kept = [r for r in results if not r.skipped]
     if not kept:
         raise LoraToolsError("every selected layer is identical in both models (or below --min_diff); nothing to save",
                              file=args.model_tuned)
-    tensors, metadata = output_tensors_and_metadata(kept, naming, options, save_to,
-                                                    v_parameterization=args.v_parameterization)
-    # alpha in the save dtype, as sd-scripts: it is the rank, rounded by the engine to that dtype already
-    write_named_tensors(save_to, tensors, metadata, dtype=options.save_dtype, alpha_dtype=options.save_dtype,
-                        script=SCRIPT, args=args, inputs=inputs, hashed=files, seed=args.seed,
-                        minimal=args.no_metadata, overwrite=args.overwrite)
-    if args.verbose:
-        for entry in report["layers"]:
-            print(format_layer(entry))
-    for line in format_summary(report):
-        print(line)
+    tensors, metadata = output_tensors_and_metadata(kept, naming, options, save_to, v_parameterization=args.v_parameterization)
+    with stage("hashing the inputs (waiting for it)"):
+        _ = hashing and hashing.join()
+    with stage("writing"):  # alpha in the save dtype, as sd-scripts: the rank, rounded by the engine to that dtype
+        write_named_tensors(save_to, tensors, metadata, dtype=options.save_dtype, alpha_dtype=options.save_dtype,
+                            script=SCRIPT, args=args, inputs=inputs, hashed=files, seed=args.seed,
+                            minimal=args.no_metadata, overwrite=args.overwrite)
+    print("\n".join(format_run(report, clock=clock and clock.stop())))
     print(f"saved {len(tensors)} tensors ({naming.describe()}) to {save_to}")
     if args.report:
         write_report(args.report, report, inputs=inputs, overwrite=args.overwrite, other_outputs={"--save_to": save_to})

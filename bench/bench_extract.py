@@ -15,6 +15,24 @@ Both sides run in fresh processes (peak RSS of each is its own):
   them in a dict), then `torch.linalg.svd(full_matrices=False)` per layer truncated to R — the exact
   optimum, and already faster than sd-scripts' `full_matrices=True`.
 Relative error per layer is ‖ΔW − LoRA‖_F / ‖ΔW‖_F; we report ours / exact (target ≤ 1.01).
+
+Against sd-scripts itself, on a full SD2 pair (bench/sd2_checkpoint.py: 2 × 2.4 GiB fp16, real LDM keys,
+rank-4 deltas on every LoRA target, `--dim 8 --v2`; needs ~6 GB of disk under --folder and ~13 GB of RAM
+for sd-scripts, which loads both models in float32):
+
+    python bench/bench_extract.py --sd2 --sd_scripts /tmp/sd-scripts --sd_scripts_path /tmp/sdenv --repeat 2
+
+runs ours and sd-scripts' networks/extract_lora_from_models.py back to back (`--repeat` times, the load
+average printed with each), each in a fresh process (wall time, VmHWM peak), then the load-whole + full-SVD
+baseline, which also measures every module's error in both outputs against the exact truncation.
+`--sd2 --quick` (no sd-scripts: it needs the whole checkpoint) keeps UNet input block 4 and text-encoder
+layer 0. sd-scripts runs with cwd = its checkout (its `library` package is not ours). Its pinned packages
+(requirements.txt of v0.10.1: transformers 4.54.1, tokenizers 0.21, huggingface_hub 0.34, diffusers 0.32.1,
+accelerate 1.6.0; transformers 5 renamed CLIPTextModel's keys, which its --v2 loader then fails to load) go
+in a folder of their own, `pip install --target /tmp/sdenv --no-deps ...`, given as --sd_scripts_path.
+Its library/utils.py imports torchvision and cv2 for image code the extraction never runs; where they
+cannot be imported (PyPI has no torchvision for a +cpu torch) the runner puts empty stand-in modules in
+sys.modules after diffusers and transformers are imported, so their own availability checks see neither.
 """
 
 from __future__ import annotations
@@ -30,7 +48,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import PEAK_RSS_SNIPPET, report, run_measured  # noqa: E402
+from bench.common import PEAK_HWM_SNIPPET, PEAK_RSS_SNIPPET, report, run_measured  # noqa: E402
+from bench.sd2_checkpoint import TE, UNET, sd2_specs, write_sd2_pair  # noqa: E402
 from library.safetensors_io import StreamingWriter  # noqa: E402
 
 SHAPES = os.path.join(ROOT, "..", "shared", "reference", "shapes", "sdxl_unet_kohya_sgm.tsv")
@@ -125,6 +144,130 @@ print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mib": peak_mib()}))
 """
 
 
+SD2_OURS = PEAK_HWM_SNIPPET + r"""
+import sys, time
+import extract_lora_from_models as x
+from library.cli import parse_args
+start = time.perf_counter()
+x.main(parse_args(x.setup_parser(), sys.argv[1:]))
+print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": peak_mib()}))
+"""
+
+SD_SCRIPTS = PEAK_HWM_SNIPPET + r"""
+import os, runpy, sys, time, types
+sd_dir, argv = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+import diffusers, transformers  # their availability checks run before any stand-in below exists
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPTextConfig
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, EulerAncestralDiscreteScheduler
+for name in ("torchvision", "cv2"):
+    try:
+        __import__(name)
+    except Exception:  # missing, or a torchvision built for another torch
+        for k in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[k]
+        mod = types.ModuleType(name)
+        mod.transforms = types.ModuleType(name + ".transforms")
+        sys.modules[name] = mod
+script = os.path.join(sd_dir, "networks", "extract_lora_from_models.py")
+sys.path[:0] = [sd_dir, os.path.dirname(script)]
+sys.argv = [script, *argv]
+runpy.run_path(script, run_name="__main__")
+print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": peak_mib()}))
+"""
+
+# The load-whole + full-SVD baseline on the modules ours extracted (timed), then the error of every module of
+# each LoRA file given against the exact truncation (untimed).
+SD2_BASELINE = PEAK_HWM_SNIPPET + r"""
+import sys, time, torch
+from safetensors.torch import load_file
+base_path, tuned_path, modules_path, out_path, *loras = sys.argv[1:]
+modules = json.load(open(modules_path))  # module -> [key, rows or None, rank]
+start = time.perf_counter()
+base, tuned = load_file(base_path), load_file(tuned_path)
+diffs, exact = {}, {}
+for name, (key, rows, rank) in modules.items():
+    d = tuned[key].float() - base[key].float()
+    d = (d if rows is None else d[rows[0]:rows[1]]).reshape(d.shape[0] if rows is None else rows[1] - rows[0], -1)
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    exact[name] = float(s[rank:].double().square().sum().sqrt() / d.double().norm())
+    diffs[name] = d
+seconds = time.perf_counter() - start
+peak = peak_mib()
+del base, tuned
+out = {"seconds": round(seconds, 2), "peak_rss_mib": peak, "exact": exact, "loras": {}}
+for path in loras:
+    lora, errors = load_file(path), {}
+    for name, d in diffs.items():
+        if name + ".lora_up.weight" not in lora:
+            continue
+        up, down = lora[name + ".lora_up.weight"].double(), lora[name + ".lora_down.weight"].double()
+        r = down.shape[0]
+        scale = float(lora[name + ".alpha"]) / r if name + ".alpha" in lora else 1.0
+        approx = (up.reshape(up.shape[0], r) @ down.reshape(r, -1)) * scale
+        errors[name] = float((d.double() - approx).norm() / d.double().norm())
+    out["loras"][path] = errors
+json.dump(out, open(out_path, "w"))
+print(json.dumps({"seconds": out["seconds"], "peak_rss_mib": peak}))
+"""
+
+
+def sd2_quick_keys() -> set[str]:
+    """UNet input block 4 and text-encoder layer 0: a 0.1 GB pair to check the set-up (ours + baseline only)."""
+    return {k for k in sd2_specs() if k.startswith((UNET + "input_blocks.4.", TE + "transformer.resblocks.0."))}
+
+
+def error_ratios(errors: dict[str, float], exact: dict[str, float]) -> dict:
+    ratios = [errors[k] / exact[k] for k in exact if k in errors and exact[k] > 0]
+    return {"modules": len(ratios), "error_ratio_max": round(max(ratios), 5),
+            "error_ratio_mean": round(sum(ratios) / len(ratios), 5)} if ratios else {"modules": 0}
+
+
+def run_sd2(args: argparse.Namespace) -> None:
+    env = dict(os.environ)
+    if args.sd_scripts_path:
+        env["PYTHONPATH"] = os.pathsep.join([args.sd_scripts_path, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    with tempfile.TemporaryDirectory(dir=args.folder) as folder:
+        base, tuned = os.path.join(folder, "base.safetensors"), os.path.join(folder, "tuned.safetensors")
+        write_sd2_pair(base, tuned, keys=sd2_quick_keys() if args.quick else None)
+        ours_out, sd_out = os.path.join(folder, "ours.safetensors"), os.path.join(folder, "sd_scripts.safetensors")
+        ours_report = os.path.join(folder, "ours.json")
+        figures = {"pair_gib": round((os.path.getsize(base) + os.path.getsize(tuned)) / 2**30, 2), "dim": args.rank,
+                   "runs": []}
+        for _ in range(args.repeat):
+            run = {"load_before": os.getloadavg()[0]}
+            ours = run_measured(SD2_OURS, "--model_org", base, "--model_tuned", tuned, "--save_to", ours_out,
+                                "--dim", str(args.rank), "--v2", "--overwrite", "--report", ours_report,
+                                *(["--family", "sd2"] if args.quick else []))  # a part of SD2 is no known family
+            run.update({"ours_wall_s": ours["wall_s"], "ours_s": ours["seconds"], "ours_peak_mib": ours["peak_rss_mib"]})
+            if args.sd_scripts:
+                run["load_between"] = os.getloadavg()[0]
+                sd = run_measured(SD_SCRIPTS, args.sd_scripts, "--model_org", base, "--model_tuned", tuned,
+                                  "--save_to", sd_out, "--dim", str(args.rank), "--v2",
+                                  cwd=args.sd_scripts, env=env)
+                run.update({"sd_scripts_wall_s": sd["wall_s"], "sd_scripts_peak_mib": sd["peak_rss_mib"],
+                            "speedup_wall": round(sd["wall_s"] / ours["wall_s"], 2)})
+            run["load_after"] = os.getloadavg()[0]
+            figures["runs"].append(run)
+            print("run:", json.dumps(run), flush=True)
+        with open(ours_report) as f:
+            modules = {e["module"]: [e["key"], e.get("rows"), e["rank_out"]] for e in json.load(f)["layers"]
+                       if e.get("role") == "lowrank" and "skipped" not in e}
+        modules_path, evaluation = os.path.join(folder, "modules.json"), os.path.join(folder, "evaluation.json")
+        with open(modules_path, "w") as f:
+            json.dump(modules, f)
+        loras = [ours_out] + ([sd_out] if args.sd_scripts else [])
+        full = run_measured(SD2_BASELINE, base, tuned, modules_path, evaluation, *loras)
+        with open(evaluation) as f:
+            result = json.load(f)
+        figures.update({"baseline_s": full["seconds"], "baseline_peak_mib": full["peak_rss_mib"],
+                        "ours": error_ratios(result["loras"][ours_out], result["exact"])})
+        if args.sd_scripts:
+            figures["sd_scripts"] = error_ratios(result["loras"][sd_out], result["exact"])
+        figures["speedup_vs_baseline"] = round(full["seconds"] / figures["runs"][-1]["ours_s"], 2)
+    report("extract sd2", figures)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", nargs="*", default=list(DEFAULT_BLOCKS),
@@ -132,7 +275,18 @@ def main() -> None:
     parser.add_argument("--full_unet", action="store_true", help="every SDXL UNet target, ours only (no baseline)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--folder", default=tempfile.gettempdir())
+    parser.add_argument("--sd2", action="store_true", help="the full SD2 pair, --dim --rank, against --sd_scripts")
+    parser.add_argument("--sd_scripts", default=None, help="an sd-scripts checkout (v0.10.1) to run side by side (--sd2)")
+    parser.add_argument("--sd_scripts_path", default=None, help="folder of sd-scripts' pinned packages (PYTHONPATH)")
+    parser.add_argument("--repeat", type=int, default=1, help="back-to-back runs of ours and sd-scripts (--sd2)")
+    parser.add_argument("--quick", action="store_true", help="--sd2 on UNet input block 4 + TE layer 0 (no sd-scripts)")
     args = parser.parse_args()
+    if args.sd2 or args.sd_scripts:
+        if args.sd_scripts and args.quick:
+            parser.error("--quick cannot run sd-scripts: its loader needs the whole checkpoint")
+        if "--rank" not in sys.argv:
+            args.rank = 8
+        return run_sd2(args)
     blocks = None if args.full_unet else tuple(args.blocks)
     modules = sdxl_modules(blocks)
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:

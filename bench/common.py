@@ -12,10 +12,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_measured(code: str, *args: str) -> dict:
-    """Run `code` in a fresh Python and return its wall time and peak RSS (MiB), so runs don't share memory."""
+def run_measured(code: str, *args: str, cwd: str = ROOT, env: dict | None = None) -> dict:
+    """Run `code` in a fresh Python and return its wall time and peak RSS (MiB), so runs don't share memory.
+    `cwd`/`env`: another project's checkout and its own packages (bench_extract's sd-scripts run)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
@@ -26,6 +27,16 @@ def run_measured(code: str, *args: str) -> dict:
     result["children_max_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     return result
 
+
+# Peak RSS of the child's own address space (VmHWM). ru_maxrss survives fork+exec on Linux, so a child of a
+# torch-importing bench reports at least the parent's size with PEAK_RSS_SNIPPET.
+PEAK_HWM_SNIPPET = (
+    "import json\n"
+    "def peak_mib():\n"
+    "    with open('/proc/self/status') as f:\n"
+    "        kb = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))\n"
+    "    return round(kb / 1024, 1)\n"
+)
 
 PEAK_RSS_SNIPPET = (
     "import resource, json\n"

@@ -32,6 +32,7 @@ from library.lowrank import (
     clamp_quantile,
     dense_sq_norm,
     factored_svd_parts,
+    fast_sq_norm,
     generator_for,
     lowrank_fro_norm_sq,
     randomized_svd,
@@ -39,6 +40,7 @@ from library.lowrank import (
     select_rank,
     svd_to_lora,
 )
+from library.stage_clock import stage
 
 # The one route vocabulary of every report.
 FACTORED, DENSE_RANDOMIZED, DENSE_EXACT = "factored", "dense/randomized", "dense/exact"
@@ -76,6 +78,12 @@ class EngineSettings:
     factor_dtype: torch.dtype | None = None  # cast the factors to this (the save dtype) before measuring the error
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32  # compute dtype of the factored route
+    # Stop the power iterations early when the last one improved the error² by at most this share of it
+    # (lowrank.randomized_svd); None = always `power_iters`.
+    adaptive_tol: float | None = None
+    # Dense jobs' error² by lowrank.fast_sq_norm (float32 chunks, float64 sum: ≈ 1e-7 relative) instead of
+    # dense_sq_norm's float64 pass, 3-4× slower; extract's choice, where that pass was a tenth of the run.
+    fast_norms: bool = False
 
 
 @dataclass
@@ -286,30 +294,35 @@ def run_dense(job: LowRankJob, settings: EngineSettings) -> LayerResult:
     cap = min(int(job.max_rank), *matrix.shape)
     if job.input_rank is not None:
         cap = min(cap, int(job.input_rank))
+    info: dict = {}
     if settings.exact_dense or job.method == "sv_cumulative":
         # Σσ over the whole spectrum cannot be had from a sketch: sv_cumulative needs the exact SVD.
-        U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        with stage("exact svd"):
+            U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
         route = DENSE_EXACT
     else:
         generator = generator_for(settings.seed, job.seed_name or job.name, matrix.device)
         U, S, Vh = randomized_svd(matrix, cap, oversample=settings.oversample, n_iter=settings.power_iters,
-                                  generator=generator)
+                                  generator=generator, total_sq=total, adaptive_tol=settings.adaptive_tol, info=info)
         route = DENSE_RANDOMIZED
     k = select_rank(S, job.method, job.param, max_rank=cap, total_energy=total, input_rank=job.input_rank)
-    up, down, alpha = svd_to_lora(U[:, :k], S[:k], Vh[:k], job.shape, scale=job.scale,
-                                  alpha_dtype=settings.alpha_dtype)
-    spectrum = S.cpu()
-    del U, S, Vh
-    up, down = _as_returned(up, down, settings)
+    with stage("factors, cast to the save dtype"):
+        up, down, alpha = svd_to_lora(U[:, :k], S[:k], Vh[:k], job.shape, scale=job.scale,
+                                      alpha_dtype=settings.alpha_dtype)
+        spectrum = S.cpu()
+        del U, S, Vh
+        up, down = _as_returned(up, down, settings)
     # Measured, not estimated: M − (α/k)·up@down of the factors as returned.
-    if not job.scratch:
-        matrix = matrix.clone()
-    matrix.addmm_(up.to(matrix.dtype).reshape(matrix.shape[0], k), down.to(matrix.dtype).reshape(k, -1),
-                  alpha=-(alpha / k))
-    error_sq = float(dense_sq_norm(matrix))
+    with stage("error of the stored factors"):
+        if not job.scratch:
+            matrix = matrix.clone()
+        matrix.addmm_(up.to(matrix.dtype).reshape(matrix.shape[0], k), down.to(matrix.dtype).reshape(k, -1),
+                      alpha=-(alpha / k))
+        error_sq = float(fast_sq_norm(matrix) if settings.fast_norms else dense_sq_norm(matrix))
     # Copies, not views: a slice of an SVD factor would keep its whole (oversampled) storage alive.
     return LayerResult(job.name, tuple(job.shape), up.cpu().clone(), down.cpu().clone(), alpha, route, spectrum,
-                       total, error_sq, job.rank_in)
+                       total, error_sq, job.rank_in,
+                       info=info if settings.adaptive_tol is not None else {})
 
 
 # The scripts refuse NaN/inf when they read (library/checks.py names the file and tensors); this is the

@@ -434,3 +434,55 @@ def test_nonfinite_weights_are_refused_naming_file_and_count(tmp_path, capsys):
     assert info.value.code == 2 and not out.exists() and len(lines) == 1
     assert lines[0].endswith(f"{tuned}: 2 tensor(s) contain NaN or inf: {bad[0]}, {bad[1]}; a low-rank decomposition "
                               "of such a layer is undefined (repair or drop these modules)")
+
+
+def test_svd_tol_stops_early_only_where_the_spectrum_allows_and_keeps_1_01(tmp_path, capsys):
+    # to_q: a rank-4 delta at --dim 4 over a tiny noise floor (a big gap at k: one iteration is enough);
+    # ff.net.2: a slowly decaying full-rank delta (the iterations keep paying off).
+    gen = torch.Generator().manual_seed(11)
+    q, ff = ATTN + "attn1.to_q.weight", ATTN + "ff.net.2.weight"
+    base = {q: torch.randn(96, 96, generator=gen, dtype=torch.float64) * 0.05,
+            ff: torch.randn(96, 384, generator=gen, dtype=torch.float64) * 0.05}
+    u = torch.linalg.qr(torch.randn(96, 96, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(384, 96, generator=gen, dtype=torch.float64))[0]
+    slow = (u * torch.arange(1, 97, dtype=torch.float64) ** -0.3 * 0.01) @ v.T
+    deltas = {q: low_rank(96, 96, 4, gen) + 1e-6 * torch.randn(96, 96, generator=gen, dtype=torch.float64), ff: slow}
+    save_tensors(tmp_path / "base.safetensors", {k: w.float() for k, w in base.items()})
+    save_tensors(tmp_path / "tuned.safetensors", {k: (base[k] + deltas[k]).float() for k in base})
+    diffs = {k: (base[k] + deltas[k]).float().double() - base[k].float().double() for k in base}
+    b, t = str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors")
+    iters = {}
+    for tol in ("0.001", "0"):
+        report, tensors, _ = run(tmp_path, b, t, "--dim", "4", "--svd_iters", "3", "--svd_tol", tol, *COMFY, "-v")
+        iters[tol] = {e["key"]: e["power_iters"] for e in report["layers"] if "power_iters" in e}
+        for key in base:
+            module = "diffusion_model." + key[len(SDXL):-len(".weight")]
+            err = float((lora_delta(tensors, module, diffs[key].shape) - diffs[key]).norm())
+            assert err <= 1.01 * optimal_error(diffs[key], 4), (tol, key)
+    assert iters["0.001"][q] == 1 and iters["0.001"][ff] >= 2
+    assert iters["0"] == {}  # no adaptive rule: every layer runs --svd_iters, not reported per layer
+    out = capsys.readouterr().out
+    assert "power iterations per layer (adaptive, --svd_tol): 1 × 1, 1 × " in out
+    # -v's profile: one line per stage, the prefetch thread's named as such, and the wall time
+    for stage in ("prefetch_0: read", "prefetch_0: subtract (float32)", "power iterations (matmul)", "qr", "sketch",
+                  "norm and max |difference|", "error of the stored factors", "writing", "hashing: sha256 of the inputs",
+                  "wall"):
+        assert f"\n{stage} " in out, stage
+    with pytest.raises(LoraToolsError, match="--svd_tol: value -1 must be 0 or more"):
+        run(tmp_path, b, t, "--svd_tol", "-1")
+
+
+def test_prefetcher_gives_every_key_in_order_and_reads_on_the_caller_after_stop(tmp_path):
+    from library.extract.layers import ExtractOptions, PairPrefetcher
+    from library.extract.pairs import CheckpointPair
+
+    shapes = {ATTN + f"attn1.to_{x}.weight": (16, 16) for x in "qkv"}
+    base, tuned, diffs = make_pair(tmp_path, shapes, rank=2)
+    keys = list(shapes)
+    with CheckpointPair(base, tuned) as pair, PairPrefetcher(pair, keys, ExtractOptions()) as prefetcher:
+        delta, finite, _ = prefetcher.take(keys[0])
+        assert finite and torch.allclose(delta.double(), diffs[keys[0]], atol=1e-7)
+        prefetcher.stop()
+        for key in keys[1:]:
+            delta, finite, _ = prefetcher.take(key)
+            assert finite and torch.allclose(delta.double(), diffs[key], atol=1e-7)

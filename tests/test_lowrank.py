@@ -350,3 +350,64 @@ def test_engine_refuses_nonfinite_layers_by_name(route):
     with pytest.raises(LoraToolsError, match="NaN or inf") as info:
         run_jobs([clean, job], EngineSettings())
     assert info.value.key == "bad"
+
+
+# The adaptive stop (randomized_svd's adaptive_tol): the spectra an extraction meets, from easy to hard.
+ADAPTIVE_CASES = {  # name: (spectrum, most power iterations the rule may take; None: no limit)
+    # a rank-8 delta over a noise floor, kept at rank 8: the gap at k makes one iteration enough
+    "rank 8 + noise": ([10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0] + [0.01] * 192, 1),
+    # a rank-4 delta kept at rank 8 (the SD2 bench pair at --dim 8): ranks 5-8 are noise directions, which
+    # only the iterations find; 1.01 needs them
+    "rank 4 + noise": ([10.0, 8.0, 5.0, 3.0] + [0.01] * 196, None),
+    "fast decay": ([float(i) ** -2.0 for i in range(1, 201)], None),
+    "slow decay": ([float(i) ** -0.3 for i in range(1, 201)], None),
+    "flat": ([1.0] * 200, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTIVE_CASES))
+@pytest.mark.parametrize("shape", [(400, 200), (200, 400)])
+def test_adaptive_power_iterations_stay_within_1_01_of_the_exact_truncation(case, shape):
+    spectrum, most_iters = ADAPTIVE_CASES[case]
+    M = matrix_with_spectrum(spectrum, *shape, seed=3).float()
+    k = 8
+    exact = torch.linalg.svdvals(M.double())
+    optimal = float(exact[k:].square().sum().sqrt())
+    total = float(M.double().square().sum())
+    info = {}
+    approx = randomized_svd(M, k, n_iter=4, generator=gen(4), total_sq=total, adaptive_tol=1e-3, info=info).matrix()
+    err = float((M.double() - approx.double()).norm())
+    assert err <= 1.01 * optimal, (case, err / optimal, info)
+    assert 1 <= info["power_iters"] <= 4
+    if most_iters is not None:  # where the spectrum allows it, the rule really stops early
+        assert info["power_iters"] <= most_iters, info
+    # Without the rule every iteration runs, and the answer is the plain algorithm's.
+    fixed = {}
+    plain = randomized_svd(M, k, n_iter=4, generator=gen(4), info=fixed)
+    assert fixed["power_iters"] == 4
+    if info["power_iters"] == 4:
+        assert torch.equal(plain.S, randomized_svd(M, k, n_iter=4, generator=gen(4), total_sq=total,
+                                                   adaptive_tol=1e-3).S)
+
+
+def test_adaptive_power_iterations_keep_going_while_they_pay_off():
+    # σᵢ = i^-0.3: each iteration still lowers the error² by more than 0.1 % of it, so all 4 must run.
+    spectrum = [float(i) ** -0.3 for i in range(1, 201)]
+    M = matrix_with_spectrum(spectrum, 400, 200, seed=8).float()
+    total = float(M.double().square().sum())
+    info = {}
+    randomized_svd(M, 8, oversample=2, n_iter=4, generator=gen(1), total_sq=total, adaptive_tol=1e-3, info=info)
+    assert info["power_iters"] >= 2, info
+
+
+def test_fast_sq_norm_within_float32_rounding_of_the_float64_norm():
+    from library.lowrank import fast_sq_norm
+
+    g = gen(9)
+    for shape in [(1280, 5120), (3, 7), (4097,), (1, 1)]:
+        x = torch.randn(shape, generator=g) * 1e-3
+        want = float(x.double().square().sum())
+        assert math.isclose(float(fast_sq_norm(x)), want, rel_tol=1e-6), shape
+        assert math.isclose(float(fast_sq_norm(x, chunk=64)), want, rel_tol=1e-6), shape
+    assert float(fast_sq_norm(torch.zeros(0))) == 0.0
+    assert not math.isfinite(float(fast_sq_norm(torch.tensor([1.0, float("nan")]))))

@@ -21,8 +21,9 @@ import torch
 
 from library.checks import NonFiniteTracker
 from library.extract.pairs import CheckpointPair
-from library.lowrank import dense_sq_norm
+from library.lowrank import fast_sq_norm
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_dense
+from library.stage_clock import stage
 
 
 @dataclass
@@ -35,7 +36,10 @@ class ExtractOptions:
     bias_diff: bool = False  # also store bias (`diff_b`) and 1-D weight (`diff`) differences
     min_diff: float = 0.0  # skip a layer whose largest |ΔW| is below this
     exact_svd: bool = False
-    svd_iters: int = 2  # power iterations of the randomized SVD
+    svd_iters: int = 2  # power iterations of the randomized SVD (the most; see svd_tol)
+    # Stop the power iterations once one improved the layer's error² by at most this share of it
+    # (lowrank.randomized_svd's adaptive rule); None = always svd_iters.
+    svd_tol: float | None = 1e-3
     oversample: int | None = None  # extra sketch columns; None = lowrank's default (the rank, at least 10)
     clamp_quantile: float | None = None  # sd-scripts' clamp, off unless asked for
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -151,8 +155,8 @@ def difference(base: torch.Tensor, tuned: torch.Tensor, options: ExtractOptions)
 
 
 def exact_norm_sq(tensor: torch.Tensor) -> float:
-    """‖tensor‖_F² of any shape, accumulated in float64 a block at a time (lowrank.dense_sq_norm)."""
-    return float(dense_sq_norm(tensor.reshape(1, -1)))
+    """‖tensor‖_F² of any shape: float32 chunks summed in float64 (lowrank.fast_sq_norm, ≈ 1e-7 relative)."""
+    return float(fast_sq_norm(tensor))
 
 
 def exact_norm(tensor: torch.Tensor) -> float:
@@ -165,11 +169,13 @@ def max_abs(tensor: torch.Tensor) -> float:
 
 
 def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS after each layer (glibc only).
+    """Hand freed heap pages back to the OS (glibc only).
 
     glibc serves the large per-layer temporaries from its heap once its dynamic mmap threshold has
     grown; the small factors we keep then sit above the freed space and the heap never shrinks, so
     without this the process's resident memory grows by a layer's workspace every few layers.
+    `run_extraction` calls it once per TRIM_EVERY_BYTES of differences, not per layer: a trim walks the
+    whole heap (≈ 20 ms), and between trims the freed space is reused by the next layers anyway.
     """
     global _malloc_trim
     if _malloc_trim is None:
@@ -184,6 +190,7 @@ def release_freed_memory() -> None:
 
 
 _malloc_trim = None
+TRIM_EVERY_BYTES = 512 << 20
 
 
 def extract_layer(task: LayerTask, delta: torch.Tensor, options: ExtractOptions) -> ExtractedLayer:
@@ -193,9 +200,10 @@ def extract_layer(task: LayerTask, delta: torch.Tensor, options: ExtractOptions)
     result = ExtractedLayer(task)
     if task.rows is not None:
         delta = delta[task.rows[0]:task.rows[1]]
-    norm_sq = exact_norm_sq(delta) if delta.numel() else 0.0
-    result.norm = math.sqrt(norm_sq)
-    result.max_abs = max_abs(delta) if delta.numel() else 0.0
+    with stage("norm and max |difference|"):
+        norm_sq = exact_norm_sq(delta) if delta.numel() else 0.0
+        result.norm = math.sqrt(norm_sq)
+        result.max_abs = max_abs(delta) if delta.numel() else 0.0
     if result.norm == 0.0:
         result.skipped = "no difference"
     elif result.max_abs < options.min_diff:
@@ -216,7 +224,8 @@ def extract_layer(task: LayerTask, delta: torch.Tensor, options: ExtractOptions)
 def engine_settings(options: ExtractOptions) -> EngineSettings:
     return EngineSettings(oversample=options.oversample, power_iters=options.svd_iters, seed=options.seed,
                           exact_dense=options.exact_svd, clamp_quantile=options.clamp_quantile,
-                          alpha_dtype=options.save_dtype, factor_dtype=options.save_dtype, device=options.device)
+                          alpha_dtype=options.save_dtype, factor_dtype=options.save_dtype, device=options.device,
+                          adaptive_tol=options.svd_tol, fast_norms=True)
 
 
 def _low_rank(task: LayerTask, delta: torch.Tensor, options: ExtractOptions, result: ExtractedLayer,
@@ -238,8 +247,12 @@ def run_extraction(pair: CheckpointPair, tasks: list[LayerTask], options: Extrac
                    progress: Callable[[Iterable, int], Iterable] | None = None) -> list[ExtractedLayer]:
     """Run every task, reading each key's pair once (fused keys with several row slices share one read).
 
-    NaN/inf in either model is refused (library/checks.py): at the first such tensor the work stops, the
-    remaining keys are only scanned, so that the error names how many tensors of which file are affected.
+    The next key's pair is read and subtracted on a second thread while this key's SVD runs
+    (`PairPrefetcher`): file reads and torch kernels release the GIL, so reading overlaps the maths.
+    NaN/inf in either model is refused (library/checks.py): a non-finite input always makes the
+    difference non-finite, so one cheap sum of the difference screens both inputs; only when it is not
+    finite are the two tensors checked by name, and then the work stops and the remaining keys are only
+    scanned, so that the error names how many tensors of which file are affected.
     """
     by_key: dict[str, list[LayerTask]] = {}
     for task in tasks:
@@ -248,21 +261,89 @@ def run_extraction(pair: CheckpointPair, tasks: list[LayerTask], options: Extrac
     iterator = keys if progress is None else progress(keys, len(keys))
     results: list[ExtractedLayer] = []
     trackers = (NonFiniteTracker(pair.base_path, refuse=True), NonFiniteTracker(pair.tuned_path, refuse=True))
-    for index, key in enumerate(iterator):
-        base, tuned = pair.read(key)
-        if not all([trackers[0].check(key, base), trackers[1].check(key, tuned)]):
-            _scan_nonfinite(pair, keys[index + 1:], trackers)
-        start = time.perf_counter()
-        delta = difference(base, tuned, options)
-        del base, tuned  # only the float32 difference is needed from here on
-        read_seconds = time.perf_counter() - start
-        for task in by_key[key]:
-            result = extract_layer(task, delta, options)
-            result.seconds += read_seconds / len(by_key[key])
-            results.append(result)
-        del delta
-        release_freed_memory()
+    since_trim = 0
+    with PairPrefetcher(pair, keys, options) as prefetcher:
+        for index, key in enumerate(iterator):
+            delta, finite, read_seconds = prefetcher.take(key)
+            if not finite:
+                prefetcher.stop()  # the checks below read on this thread
+                base, tuned = pair.read(key)
+                if not all([trackers[0].check(key, base), trackers[1].check(key, tuned)]):
+                    _scan_nonfinite(pair, keys[index + 1:], trackers)
+                del base, tuned  # a finite pair whose difference overflowed: the engine names the layer
+            for task in by_key[key]:
+                result = extract_layer(task, delta, options)
+                result.seconds += read_seconds / len(by_key[key])
+                results.append(result)
+            since_trim += delta.numel() * delta.element_size()
+            del delta
+            if since_trim >= TRIM_EVERY_BYTES:
+                with stage("release freed memory"):
+                    release_freed_memory()
+                since_trim = 0
+    release_freed_memory()
     return results
+
+
+class PairPrefetcher:
+    """Reads each key's (base, tuned) pair and forms its float32 difference one key ahead, on one thread.
+
+    `take(key)` gives (difference, finite, seconds) for the keys in the order given and starts the next
+    one; at most two differences exist at a time (the one being worked on and the next). `stop()`
+    waits for the read in flight and reads nothing more (then `take` works on the calling thread).
+    """
+
+    def __init__(self, pair: CheckpointPair, keys: list[str], options: ExtractOptions):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pair, self.keys, self.options = pair, keys, options
+        self._next = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._pending = None
+        self._submit()
+
+    def __enter__(self) -> PairPrefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _submit(self) -> None:
+        if self._pool is not None and self._next < len(self.keys):
+            self._pending = (self.keys[self._next], self._pool.submit(self._load, self.keys[self._next]))
+            self._next += 1
+
+    def _load(self, key: str) -> tuple[torch.Tensor, bool, float]:
+        start = time.perf_counter()
+        with stage("read"):
+            base, tuned = self.pair.read(key)
+        with stage("subtract (float32)"):
+            delta = difference(base, tuned, self.options)
+        del base, tuned
+        with stage("finite check (one sum)"):
+            # NaN/inf in either input make the difference NaN/inf; a finite difference can sum to inf only
+            # for values near float32's limit, and then the caller's check by name clears it.
+            finite = bool(torch.isfinite(delta.sum())) if delta.numel() else True
+        return delta, finite, time.perf_counter() - start
+
+    def take(self, key: str) -> tuple[torch.Tensor, bool, float]:
+        if self._pending is not None and self._pending[0] == key:
+            with stage("wait for the prefetched pair"):
+                out = self._pending[1].result()
+            self._pending = None
+        else:  # stopped (or asked out of order): read here
+            out = self._load(key)
+            self._next = self.keys.index(key) + 1
+        self._submit()
+        return out
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            if self._pending is not None:
+                self._pending[1].cancel()
+                self._pending = None
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _scan_nonfinite(pair: CheckpointPair, keys: Iterable[str], trackers: tuple[NonFiniteTracker, ...]) -> None:

@@ -119,3 +119,21 @@ class CheckpointPair:
         else:
             pair = self.base.read(key), self.tuned.read(key)
         return tuple(t if d is None or d.type == "cpu" else t.to(d) for t, d in zip(pair, self.devices))
+
+
+def hash_in_background(paths: Sequence[str]):
+    """Start computing the sha256 of `paths` on a daemon thread (hashlib and file reads release the GIL); the
+    digests land in library.metadata's per-process cache, so provenance() after `join()` only looks them up."""
+    import threading
+
+    from library.metadata import file_sha256
+    from library.stage_clock import stage
+
+    def run() -> None:
+        for path in paths:
+            with stage("sha256 of the inputs"):
+                file_sha256(path)
+
+    thread = threading.Thread(target=run, name="hashing", daemon=True)
+    thread.start()
+    return thread

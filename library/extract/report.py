@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from library.destination import write_text
 from library.extract.layers import ExtractedLayer
+from library.stage_clock import StageClock
 
 
 def layer_entry(result: ExtractedLayer) -> dict:
@@ -103,6 +104,27 @@ def format_summary(report: dict) -> list[str]:
         lines.append(f"keys in one file only: {s['keys_only_in_base']} in the base, {s['keys_only_in_tuned']} in the "
                      "tuned model (listed in --report)")
     return lines
+
+
+def format_plan(tasks, skipped, naming: str) -> list[str]:
+    """What --dry_run prints: each task (key -> module, role, rank, shape), then the counts."""
+    lines = [f"{t.key} -> {t.name} ({t.role}{f' rank {t.rank}' if t.rank else ''}, {'x'.join(map(str, t.shape))})"
+             for t in tasks]
+    return lines + [f"{len(tasks)} tensors would be extracted ({naming}); {len(skipped)} keys not extracted"]
+
+
+def format_run(report: dict, clock: StageClock | None = None) -> list[str]:
+    """What a run prints: with -v (a stopped `clock`) every layer and the time per stage, then the summary."""
+    lines = []
+    if clock is not None:
+        lines += [format_layer(entry) for entry in report["layers"]]
+        iters = [e["power_iters"] for e in report["layers"] if "power_iters" in e]
+        if iters:
+            # The adaptive rule (--svd_tol) says here how often the measured spectrum let it stop early.
+            counts = ", ".join(f"{iters.count(n)} × {n}" for n in sorted(set(iters)))
+            lines.append(f"power iterations per layer (adaptive, --svd_tol): {counts}")
+        lines += ["time per stage (-v):", *clock.table()]
+    return lines + format_summary(report)
 
 
 def write_report(path: str, report: dict, **where) -> None:
