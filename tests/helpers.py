@@ -523,3 +523,22 @@ def assert_round_trips(family: str, modules: dict[str, tuple[int, ...]], start: 
         back, back_meta = lora_tensors(lora_from_tensors(mid, mid_meta).modules, family, start)
         assert sorted(back) == sorted(tensors), f"{start} -> {b} -> {start} changed the key set"
         assert_same_deltas(expected, probe_deltas(back, back_meta))
+
+
+def assert_peft_loaded_and_fused(model, state, mods, base, *, adapter="t", reorder=None):
+    """diffusers loaded `state` (our diffusers file) into `model` as adapter `adapter`: every key became one of the
+    model's LoRA weights and nothing else did, and once fused each weight is base + our delta to 1e-5.
+    `reorder(module, delta)` maps a delta given in our canonical row order to the model's (None: same order)."""
+    from networks import adapter_from_tensors
+
+    loaded = {k for k in model.state_dict() if ".lora_" in k}
+    ours = {k[len("transformer."):].replace(".lora_A.weight", f".lora_A.{adapter}.weight")
+            .replace(".lora_B.weight", f".lora_B.{adapter}.weight") for k in state}
+    assert ours == loaded and len(loaded) == 2 * len(mods)
+    model.fuse_lora(lora_scale=1.0)
+    fused = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    for m in mods:
+        key = m.source + ".weight"
+        delta = adapter_from_tensors(m.tensors).delta(tuple(base[key].shape)).double()
+        want = base[key].double() + (reorder(m, delta) if reorder else delta)
+        assert float((fused[key].double() - want).norm() / want.norm()) < 1e-5, m.source

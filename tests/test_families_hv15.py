@@ -18,8 +18,15 @@ from library.formats import FAMILIES, Module, Target, lora_from_tensors, lora_te
 from library.formats.hunyuan_video15 import comfy_path
 from library.lora_output import write_lora
 from library.safetensors_io import load_tensors, save_tensors
-from networks import adapter_from_tensors
-from tests.helpers import LORA_FORMATS, assert_round_trips, assert_same_deltas, diffusers_fixture, probe_deltas, run_script
+from tests.helpers import (
+    LORA_FORMATS,
+    assert_peft_loaded_and_fused,
+    assert_round_trips,
+    assert_same_deltas,
+    diffusers_fixture,
+    probe_deltas,
+    run_script,
+)
 
 H = 2048
 CONFIG_480P = {"in_channels": 65, "out_channels": 32, "num_attention_heads": 16, "attention_head_dim": 128, "num_layers": 54,
@@ -172,19 +179,13 @@ def test_tiny_hv15_transformer_loads_our_diffusers_output(tmp_path):
     base = {k: v.clone() for k, v in model.state_dict().items()}
     config = json.loads(meta["lora_adapter_metadata"])
     model.load_lora_adapter(state, prefix="transformer", adapter_name="t", metadata=config)
-    loaded = {k for k in model.state_dict() if ".lora_" in k}
-    ours = {k[len("transformer."):].replace(".lora_A.weight", ".lora_A.t.weight").replace(".lora_B.weight", ".lora_B.t.weight")
-            for k in state}
-    assert ours == loaded and len(loaded) == 2 * len(mods)
-    model.fuse_lora(lora_scale=1.0)
-    fused = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
-    for m in mods:
-        key = m.source + ".weight"
-        want = adapter_from_tensors(m.tensors).delta(tuple(base[key].shape)).double()
+    def canonical_to_diffusers(m, delta):
         if m.source == "norm_out.linear":  # given in the canonical (shift, scale) order; diffusers' is swapped
-            want = torch.cat([want[want.shape[0] // 2:], want[:want.shape[0] // 2]])
-        want = base[key].double() + want
-        assert float((fused[key].double() - want).norm() / want.norm()) < 1e-5, m.source
+            half = delta.shape[0] // 2
+            return torch.cat([delta[half:], delta[:half]])
+        return delta
+
+    assert_peft_loaded_and_fused(model, state, mods, base, reorder=canonical_to_diffusers)
 
 
 def test_merge_into_a_thinned_official_checkpoint_against_float64(tmp_path):

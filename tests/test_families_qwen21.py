@@ -16,8 +16,14 @@ from library.errors import LoraToolsError
 from library.formats import FAMILIES, Module, Target, lora_from_tensors, lora_tensors
 from library.lora_output import write_lora
 from library.safetensors_io import load_tensors, save_tensors
-from networks import adapter_from_tensors
-from tests.helpers import LORA_FORMATS, assert_round_trips, assert_same_deltas, probe_deltas, run_script
+from tests.helpers import (
+    LORA_FORMATS,
+    assert_peft_loaded_and_fused,
+    assert_round_trips,
+    assert_same_deltas,
+    probe_deltas,
+    run_script,
+)
 
 D, HALF = 4096, 3 * 4096
 
@@ -210,13 +216,4 @@ def test_tiny_qwen21_transformer_loads_our_diffusers_output(tmp_path):
     pipe = diffusers.QwenImage21Pipeline
     state, metadata = pipe.lora_state_dict(str(tmp_path), weight_name=path.name, return_lora_metadata=True)
     pipe.load_lora_into_transformer(state, transformer=model, adapter_name="t", metadata=metadata)
-    loaded = {k for k in model.state_dict() if ".lora_" in k}
-    ours = {k[len("transformer."):].replace(".lora_A.weight", ".lora_A.t.weight").replace(".lora_B.weight", ".lora_B.t.weight")
-            for k in state}
-    assert ours == loaded and len(loaded) == 2 * len(mods)
-    model.fuse_lora(lora_scale=1.0)
-    fused = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
-    for m in mods:
-        key = m.source + ".weight"
-        want = base[key].double() + adapter_from_tensors(m.tensors).delta(tuple(base[key].shape)).double()
-        assert float((fused[key].double() - want).norm() / want.norm()) < 1e-5, m.source
+    assert_peft_loaded_and_fused(model, state, mods, base)
