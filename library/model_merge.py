@@ -28,10 +28,9 @@ import torch
 
 from library.errors import LoraToolsError
 from library.merge_methods import MergeContext, magnitude_mask, merge_tensors
+from library.model_merge_chunked import effective_method, slerp_apply, slerp_coefficients, slerp_sums
 
 BASE_METHODS = ("add", "add_difference", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-SLERP_PARALLEL = 0.9995  # mergekit's threshold: above it the angle is too small for a stable slerp
-_NO_ELECTION = {"ties": "magnitude_prune", "dare_ties": "dare_linear"}
 
 
 @dataclass(frozen=True)
@@ -67,16 +66,9 @@ def default_ratios(method: str, n_models: int) -> tuple[float, ...]:
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b, θ the angle between the flattened tensors."""
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    if na == 0 or nb == 0:
-        return a + t * (b - a)
-    cos = float(torch.dot(a.reshape(-1), b.reshape(-1)) / (na * nb))
-    if abs(cos) > SLERP_PARALLEL:
-        return a + t * (b - a)
-    theta = torch.arccos(torch.tensor(cos, dtype=torch.float64))
-    sin = torch.sin(theta)
-    return float(torch.sin((1 - t) * theta) / sin) * a + float(torch.sin(t * theta) / sin) * b
+    """sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b, θ the angle between the flattened tensors (its cosine from
+    float64 sums in fixed blocks: the chunked merge's own, so both give the same bytes)."""
+    return slerp_apply(a, b, t, slerp_coefficients(slerp_sums(a.reshape(-1), b.reshape(-1)), t))
 
 
 LINEAR_METHODS = ("weighted_sum", "add_difference", "add")
@@ -135,10 +127,8 @@ def merge_key(key: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | No
     else:
         anchor = base if base is not None else a
         pairs = list(zip(tensors, settings.ratios))[(0 if base is not None else 1):]
-        fn = "add" if settings.method == "add_difference" else settings.method
-        ctx = MergeContext(settings.density, settings.sign_method, settings.seed, key, dare_masks, settings.rescale)
-        if settings.sign_method == "off":
-            fn, ctx.sign_method = _NO_ELECTION.get(fn, fn), "total"
+        fn, sign_method = effective_method(settings)
+        ctx = MergeContext(settings.density, sign_method, settings.seed, key, dare_masks, settings.rescale)
         taus = [t.sub_(anchor) if consume and t is not a else t - anchor for t, _ in pairs]
         merged = anchor + merge_tensors(fn, taus, [r for _, r in pairs], ctx)
         del taus

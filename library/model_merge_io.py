@@ -7,15 +7,15 @@ offset; copied keys go byte for byte when their dtype is kept. A key's value dep
 tensors (and DARE's per-key seed), so the result does not depend on the order keys are visited; they are
 visited in model A's file order, so that every input is read front to back.
 
-Elementwise merges (weighted_sum, add_difference, task_arithmetic, with block/key weights, --te_ratio and
---mask; `model_merge.is_elementwise`) go through each tensor in chunks of `chunk_elements` flat elements:
-a slice of every input is read from its file offset, merged, measured and written at its offset, so the
-memory held is a few MiB per input (never over CHUNK_BUDGET in all), whatever the size of the largest
-tensor, and the result is bit-identical to the whole-tensor one (`linear_merge`). The other methods need statistics of
-the whole tensor (TIES/magnitude ranks, DARE's per-tensor random stream, slerp's angle, --protect_a,
---normalize) and hold each input's tensor in the compute dtype, (inputs + 3) × the largest tensor in
-float32 at least; DARE's draws and the TIES stacks and sign votes take more (measured: 4.2 GB for
-dare_ties of 3 inputs holding SDXL's 253 MB token embedding, about 16 × that tensor).
+Every merge goes through each tensor in chunks of `chunk_elements` flat elements: a slice of every input
+is read from its file offset, merged, measured and written at its offset, so the memory held is a few MiB per
+input (never over CHUNK_BUDGET in all), whatever the size of the largest tensor. Elementwise merges
+(weighted_sum, add_difference, task_arithmetic, with block/key weights, --te_ratio and --mask;
+`model_merge.is_elementwise`) need nothing else and are bit-identical to the whole-tensor `linear_merge`.
+TIES, magnitude_prune, DARE, slerp and --protect_a need statistics of the whole tensor (ranks of |τ|, the
+angle): a first pass measures them (library.model_merge_chunked: one float32 buffer of one task's |τ| is the
+only whole-tensor memory), the second merges chunk by chunk, bit-identical to `merge_key`. Only --normalize
+(norms of other keys, Q/K pairs) holds each input's whole tensor in the compute dtype.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from library.checkpoint_apply import one_thread
-from library.model_merge import MergeSettings, is_elementwise, linear_merge, merge_key
+from library.model_merge import MergeSettings, is_elementwise, linear_merge
+from library.model_merge_chunked import measure, merge_chunk
 from library.model_merge_plan import MergePlan
-from library.model_normalize import normalized
+from library.model_normalize import flat_norm, scale_chunk, scalings
 from library.safetensors_io import DTYPE_NAMES, StreamingWriter, cast_clamped, open_checkpoint
 from library.stream_hash import StreamHasher
 
@@ -143,18 +144,12 @@ class MergeInputs(ExitStack):
         return hasher
 
 
-def chunk_elements(n_inputs: int, compute: torch.dtype, budget: int = CHUNK_BUDGET) -> int:
-    """Flat elements per chunk: the inputs, the base and about three temporaries of that many fit `budget`."""
-    per_element = (n_inputs + 4) * compute.itemsize
+def chunk_elements(n_inputs: int, compute: torch.dtype, budget: int = CHUNK_BUDGET, temporaries: int = 4) -> int:
+    """Flat elements per chunk: the inputs, the base and `temporaries` more chunks of that many fit `budget`
+    (a linear merge makes about three; TIES/DARE a task vector, a kept one and a stacked one per input)."""
+    per_element = (n_inputs + temporaries) * compute.itemsize
     count = min(MAX_CHUNK_ELEMENTS, budget // per_element)
     return max(_CHUNK_ALIGN, count - count % _CHUNK_ALIGN)
-
-
-def _wide(reader, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    tensor = reader.read(key)
-    wide = tensor.to(device=device, dtype=dtype)
-    # The whole-tensor methods change their inputs in place; a buffer the hasher may still read stays intact.
-    return wide.clone() if wide.data_ptr() == tensor.data_ptr() else wide
 
 
 def visiting_order(plan: MergePlan, first) -> list[str]:
@@ -167,15 +162,41 @@ def visiting_order(plan: MergePlan, first) -> list[str]:
 
 
 def _merge_in_chunks(inputs: MergeInputs, item, settings: MergeSettings, writer: StreamingWriter,
-                     rounding: Rounding, compute: torch.dtype, device: torch.device, step: int) -> None:
+                     rounding: Rounding, compute: torch.dtype, device: torch.device, step: int,
+                     normalize: str | None) -> None:
     key, count = item.key, math.prod(item.shape)
+    models = inputs.models
+    base_reader = inputs.base if inputs.base is not None and settings.has_base else None
+
+    def raw(reader, k: str = key):
+        return lambda start, stop: reader.read_flat(k, start, stop).to(device=device, dtype=compute)
+
+    def norm_of(k: str, i: int, n: int) -> float | None:
+        return flat_norm(raw(models[i], k), n) if k in models[i] else None
+
+    segments = scalings(key, item.shape, len(models), normalize, norm_of,
+                        lambda k: tuple(models[0].shape(k)) if k in models[0] else None)
+
+    def reading(i: int):
+        read = raw(models[i])
+        if i == 0 or not segments[i - 1]:
+            return read
+        return lambda start, stop: scale_chunk(read(start, stop), start, segments[i - 1])
+
+    readers = [reading(i) for i in range(len(models))]
+    linear = is_elementwise(settings)
+    if not linear:  # the first pass: what the method needs of the whole tensor (model_merge_chunked)
+        stats = measure(key, count, settings, readers, raw(base_reader) if base_reader is not None else None,
+                        item.strength)
     for start in range(0, count, step):
         stop = min(count, start + step)
-        tensors = [m.read_flat(key, start, stop).to(device=device, dtype=compute) for m in inputs.models]
-        base = inputs.base.read_flat(key, start, stop).to(device=device, dtype=compute) \
-            if inputs.base is not None and settings.has_base else None
+        tensors = [read(start, stop) for read in readers]
+        base = raw(base_reader)(start, stop) if base_reader is not None else None
         mask = inputs.mask.get_flat(key, start, stop) if inputs.mask is not None else None
-        exact = linear_merge(tensors, base, settings, item.strength, mask)
+        if linear:
+            exact = linear_merge(tensors, base, settings, item.strength, mask)
+        else:
+            exact = merge_chunk(tensors, base, settings, stats, item.strength, mask)
         del tensors, base, mask
         writer.write_flat(key, start, rounding.store(key, exact, item.dtype).cpu())
         del exact
@@ -192,42 +213,27 @@ def run_merge(inputs: MergeInputs, plan: MergePlan, settings: MergeSettings, wri
     rounding = Rounding()
     by_key = {k.key: k for k in plan.keys}
     models = inputs.models
-    step = chunk or chunk_elements(len(models) + (inputs.base is not None), compute)
+    n_inputs = len(models) + (inputs.base is not None)
+    step = chunk or chunk_elements(n_inputs, compute, temporaries=4 if is_elementwise(settings) else n_inputs + 6)
     if step % 8:
         raise ValueError(f"chunks of {step} elements would split a mask byte; use a multiple of 8")
-    chunked = is_elementwise(settings, normalize)
-
-    with one_thread(chunked and device.type == "cpu"):  # small ops: OpenMP hand-offs would dominate
+    with one_thread(device.type == "cpu"):  # small ops: OpenMP hand-offs would dominate
         for key in order or visiting_order(plan, models[0]):
-            _merge_one(by_key[key], inputs, settings, writer, rounding, compute, device, normalize, chunked, step)
+            _merge_one(by_key[key], inputs, settings, writer, rounding, compute, device, normalize, step)
             if on_key is not None:
                 on_key()
     return rounding
 
 
 def _merge_one(item, inputs: MergeInputs, settings: MergeSettings, writer: StreamingWriter, rounding: Rounding,
-               compute: torch.dtype, device: torch.device, normalize: str | None, chunked: bool, step: int) -> None:
-    key, models = item.key, inputs.models
-
-    def read_all(key: str) -> list[torch.Tensor] | None:
-        if not all(key in m for m in models):
-            return None
-        return [_wide(m, key, compute, device) for m in models]
-
-    source = models[item.source]
+               compute: torch.dtype, device: torch.device, normalize: str | None, step: int) -> None:
+    key = item.key
+    source = inputs.models[item.source]
     if not item.merge:
         if source.dtype(key) == item.dtype:
             source.copy_into(writer, key)
         else:
             writer.write(key, cast_clamped(source.read(key), item.dtype))
-    elif chunked:
-        _merge_in_chunks(inputs, item, settings, writer, rounding, compute, device, step)
-        rounding.end_key(key)
-    else:
-        tensors = normalized(key, read_all(key), normalize, read_all)
-        base = _wide(inputs.base, key, compute, device) if inputs.base is not None else None
-        mask = inputs.mask.get(key) if inputs.mask is not None else None
-        exact = merge_key(key, tensors, base, settings, item.strength, mask, consume=True)
-        del tensors, base, mask
-        writer.write(key, rounding.store(key, exact, item.dtype).cpu())
-        rounding.end_key(key)
+        return
+    _merge_in_chunks(inputs, item, settings, writer, rounding, compute, device, step, normalize)
+    rounding.end_key(key)

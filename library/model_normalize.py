@@ -13,6 +13,7 @@ transformer block of every family, not only SD1.5's `transformer_blocks.0`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 
@@ -41,9 +42,27 @@ def _fused_weight_key(key: str) -> str | None:
     return m[1] + ("_weight" if key.endswith(("_weight", "_bias")) else ".weight")
 
 
-def _ratio(target: torch.Tensor, tensor: torch.Tensor) -> float:
-    norm = float(torch.linalg.vector_norm(tensor.double()))
-    return float(torch.linalg.vector_norm(target.double())) / norm if norm > 0 else 1.0
+Segments = tuple[tuple[int, int, float, bool], ...]  # (flat start, stop, factor, divide) of one model's tensor
+NormOf = Callable[[str, int, int], float | None]  # (key, model index, leading flat elements) → ‖…‖, None if absent
+
+
+def flat_norm(read: Callable[[int, int], torch.Tensor], count: int) -> float:
+    """‖x‖ of the first `count` flat elements that `read(start, stop)` gives, from float64 sums over fixed
+    blocks in order: the chunked merge and the whole-tensor one get the same value."""
+    from library.model_merge_chunked import STATS_BLOCK
+
+    total = 0.0
+    for start in range(0, count, STATS_BLOCK):
+        x = read(start, min(count, start + STATS_BLOCK)).double()
+        total += float(torch.dot(x, x))
+    return total ** 0.5
+
+
+def _ratio(norm_of: NormOf, key: str, i: int, count: int) -> float | None:
+    target, norm = norm_of(key, 0, count), norm_of(key, i, count)
+    if target is None or norm is None:
+        return None
+    return target / norm if norm > 0 else 1.0
 
 
 def _hidden(weight_shape: Sequence[int]) -> int:
@@ -51,35 +70,71 @@ def _hidden(weight_shape: Sequence[int]) -> int:
     return int(weight_shape[1])
 
 
-def normalized(key: str, tensors: list[torch.Tensor], mode: str | None,
-               read: Callable[[str], list[torch.Tensor] | None]) -> list[torch.Tensor]:
-    """`tensors` (model A first) with models B… scaled to A's norms; `read(key)` gives another key's tensors
-    of every model (or None when one lacks it): a K projection needs its query's norms."""
+def scalings(key: str, shape: Sequence[int], n_models: int, mode: str | None, norm_of: NormOf,
+             shape_of: Callable[[str], Sequence[int] | None]) -> list[Segments]:
+    """How the tensor of `key` (of `shape`) of each model B… (index 1…) is scaled before the merge: segments
+    of its flattened elements and their factors. `norm_of` measures any key of any model (a K projection
+    needs its query's norms), `shape_of` gives model A's shape of a key (None when A lacks it)."""
+    none: list[Segments] = [()] * (n_models - 1)
+    count = math.prod(shape)
     if mode is None:
-        return tensors
-    a, others = tensors[0], tensors[1:]
+        return none
     if mode == "layer":
-        return [a, *(t * _ratio(a, t) for t in others)]
+        return [((0, count, _ratio(norm_of, key, i, count), False),) for i in range(1, n_models)]
     separate = _query_of(key)
     if separate is not None:
         query_key, role = separate
-        queries = tensors if query_key == key else read(query_key)
-        if queries is None:
-            return tensors
-        scales = [_ratio(queries[0], q) for q in queries[1:]]
-        return [a, *(t * s if role == "q" else t / s for t, s in zip(others, scales))]
+        query_shape = shape_of(query_key)
+        if query_shape is None:
+            return none
+        ratios = [_ratio(norm_of, query_key, i, math.prod(query_shape)) for i in range(1, n_models)]
+        if any(r is None for r in ratios):
+            return none
+        return [((0, count, r, role == "k"),) for r in ratios]
     weight_key = _fused_weight_key(key)
     if weight_key is None:
-        return tensors
-    weights = tensors if weight_key == key else read(weight_key)
-    if weights is None or weights[0].dim() != 2:
-        return tensors
-    h = _hidden(weights[0].shape)
-    scales = [_ratio(weights[0][:h], w[:h]) for w in weights[1:]]
-    out = [a]
-    for t, s in zip(others, scales):
-        t = t.clone()
-        t[:h] *= s
-        t[h:2 * h] /= s
-        out.append(t)
-    return out
+        return none
+    weight_shape = shape_of(weight_key)
+    if weight_shape is None or len(weight_shape) != 2:
+        return none
+    h = _hidden(weight_shape)
+    ratios = [_ratio(norm_of, weight_key, i, h * int(weight_shape[1])) for i in range(1, n_models)]
+    if any(r is None for r in ratios):
+        return none
+    row = count // int(shape[0])  # elements per row of this key (the weight's width, or 1 for a bias)
+    return [((0, h * row, r, False), (h * row, 2 * h * row, r, True)) for r in ratios]
+
+
+def scale_chunk(chunk: torch.Tensor, start: int, segments: Segments) -> torch.Tensor:
+    """Flat elements [start, start + len) of a tensor with its segments' factors applied (in place)."""
+    stop = start + chunk.numel()
+    for a, b, factor, divide in segments:
+        i, j = max(a, start), min(b, stop)
+        if i < j:
+            part = chunk[i - start:j - start]
+            part.div_(factor) if divide else part.mul_(factor)
+    return chunk
+
+
+def normalized(key: str, tensors: list[torch.Tensor], mode: str | None,
+               read: Callable[[str], list[torch.Tensor] | None]) -> list[torch.Tensor]:
+    """`tensors` (model A first) with models B… scaled to A's norms, whole tensors (the chunked merge applies
+    the same `scalings` chunk by chunk); `read(key)` gives another key's tensors of every model (or None)."""
+    cache = {key: tensors}
+
+    def tensors_of(k: str) -> list[torch.Tensor] | None:
+        if k not in cache:
+            cache[k] = read(k)
+        return cache[k]
+
+    def norm_of(k: str, i: int, count: int) -> float | None:
+        found = tensors_of(k)
+        return None if found is None else flat_norm(lambda s, e: found[i].reshape(-1)[s:e], count)
+
+    def shape_of(k: str):
+        found = tensors_of(k)
+        return None if found is None else tuple(found[0].shape)
+
+    plans = scalings(key, tuple(tensors[0].shape), len(tensors), mode, norm_of, shape_of)
+    return [tensors[0], *(scale_chunk(t.clone().reshape(-1), 0, seg).reshape(t.shape) if seg else t
+                          for t, seg in zip(tensors[1:], plans))]

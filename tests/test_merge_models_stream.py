@@ -138,10 +138,150 @@ def test_chunked_merge_reads_only_chunks(tmp_path, files, monkeypatch):
     assert chunk_elements(50, torch.float32) * 54 * 4 <= 192 << 20  # many inputs: smaller chunks, same memory
 
 
-def test_whole_tensor_methods_are_not_chunked():
+STATISTICAL = [
+    MergeSettings("ties", (1.0, 0.8, 0.6), density=0.4, has_base=True),
+    MergeSettings("ties", (1.0, 0.7, 1.3), density=0.3, sign_method="frequency"),  # C = A: B and C vote
+    MergeSettings("ties", (1.0, 0.5, 0.5), density=0.5, sign_method="off", has_base=True),
+    MergeSettings("magnitude_prune", (0.6, 0.9, 1.1), density=0.2, has_base=True),
+    MergeSettings("dare_linear", (1.0, 0.5, 0.75), density=0.3, seed=11, has_base=True),
+    MergeSettings("dare_linear", (1.0, 0.5, 0.75), density=0.6, seed=3, rescale=False),
+    MergeSettings("dare_ties", (0.9, 0.5, 0.75), density=0.5, seed=5, has_base=True),
+    MergeSettings("add", (1.0, 0.5, 0.5), protect=0.3, has_base=True),
+    MergeSettings("ties", (1.0, 0.6, 0.6), density=0.02, protect=0.25, has_base=True),  # small tensors keep nothing
+]
+
+
+def _label(s: MergeSettings) -> str:
+    flags = ("+base" if s.has_base else "") + ("" if s.rescale else "-norescale")
+    return f"{s.method}-{s.sign_method}-d{s.density}-p{s.protect}{flags}"
+
+
+@pytest.mark.parametrize("settings", STATISTICAL, ids=_label)
+def test_statistics_methods_chunked_equal_merge_key_bit_for_bit(tmp_path, files, settings):
+    """TIES/DARE/magnitude_prune/--protect_a: the two-pass chunked merge gives the same bytes at every chunk size,
+    and the same as the whole-tensor merge_key on the files' tensors."""
+    assert not is_elementwise(settings)
+    outs = [merged_file(tmp_path, files, settings, chunk, name=f"c{chunk}.safetensors") for chunk in (8, 24, 40, 1 << 20)]
+    assert len({sha256(out) for out, _ in outs}) == 1
+    models, base, mask_path = files
+    out, plan = outs[0]
+    got = load_file(str(out))
+    inputs = [load_file(str(p)) for p in models]
+    c = load_file(str(base))
+    masks = dict(zip(*_mask_items(mask_path)))
+    for item in plan.merged:
+        want = merge_key(item.key, [m[item.key].float() for m in inputs], c[item.key].float() if settings.has_base else None,
+                         settings, item.strength, masks.get(item.key)).to(item.dtype)
+        assert got[item.key].view(torch.int16).equal(want.view(torch.int16)), item.key
+
+
+def test_slerp_chunked_equals_merge_key(tmp_path, files):
+    models, base, mask = files
+    settings = MergeSettings("slerp", (0.3, 0.7))
+    outs = [merged_file(tmp_path, ([models[0], models[2]], base, mask), settings, chunk, name=f"s{chunk}.safetensors")
+            for chunk in (8, 40, 1 << 20)]
+    assert len({sha256(out) for out, _ in outs}) == 1
+    got = load_file(str(outs[0][0]))
+    a, b = load_file(str(models[0])), load_file(str(models[2]))
+    masks = dict(zip(*_mask_items(mask)))
+    for item in outs[0][1].merged:
+        want = merge_key(item.key, [a[item.key].float(), b[item.key].float()], None, settings, item.strength,
+                         masks.get(item.key)).to(item.dtype)
+        assert got[item.key].view(torch.int16).equal(want.view(torch.int16)), item.key
+        # and against the formula written out in float64 (no mask, strength applied to t)
+        x, y = a[item.key].double().reshape(-1), b[item.key].double().reshape(-1)
+        theta = torch.arccos(torch.dot(x, y) / (x.norm() * y.norm()))
+        t = item.strength * 0.7
+        ref = (torch.sin((1 - t) * theta) * x + torch.sin(t * theta) * y) / torch.sin(theta)
+        ref = torch.where(masks[item.key].reshape(-1), ref, x) if item.key in masks else ref
+        assert torch.allclose(got[item.key].double().reshape(-1), ref, atol=2e-3, rtol=2e-3), item.key
+
+
+def test_magnitude_cut_over_chunks_is_top_k_with_ties_in_memory_order():
+    import numpy as np
+
+    from library.merge_methods import top_k_mask
+    from library.model_merge_chunked import MagnitudeCut
+
+    rng = random.Random(7)
+    for trial in range(40):
+        n = rng.randrange(1, 400)
+        values = torch.tensor([float(rng.choice([0, 1, 2, 2, 3, 5])) for _ in range(n)])  # many equal values
+        k = rng.randrange(-1, n + 2)
+        cut = MagnitudeCut.select(values.numpy().copy(), k) if 0 < k < n else \
+            MagnitudeCut(-float("inf"), 0, True) if k >= n else MagnitudeCut(float("inf"), 0, False)
+        got, start = [], 0
+        while start < n:
+            stop = min(n, start + rng.randrange(1, 50))
+            got.append(cut.keep(values[start:stop]))
+            start = stop
+        want = top_k_mask(values, k)
+        assert torch.cat(got).equal(want), (trial, n, k)
+        assert int(torch.cat(got).sum()) == max(0, min(k, n))
+    assert np.isfinite(MagnitudeCut.select(np.array([1.0, 1.0], np.float32), 1).threshold)
+
+
+def test_statistics_merges_read_only_chunks_and_blocks(tmp_path, files, monkeypatch):
+    largest = []
+    original = LazyReader.read_flat
+
+    def read_flat(self, key, start, stop):
+        largest.append(stop - start)
+        return original(self, key, start, stop)
+
+    def whole(self, key):
+        raise AssertionError(f"whole-tensor read of {key}")
+
+    import library.model_merge_chunked as chunked
+
+    monkeypatch.setattr(LazyReader, "read_flat", read_flat)
+    monkeypatch.setattr(LazyReader, "read", whole)
+    monkeypatch.setattr(chunked, "STATS_BLOCK", 128)  # the first pass's blocks
+    for settings in (STATISTICAL[0], STATISTICAL[6]):
+        merged_file(tmp_path, files, settings, 64, mask=False, name=f"{settings.method}.safetensors")
+    assert largest and max(largest) <= 128 and 64 in largest
+
+
+def test_methods_needing_statistics_are_not_elementwise():
     assert not is_elementwise(MergeSettings("ties", (1, 1)))
     assert not is_elementwise(MergeSettings("add", (1, 1), protect=0.1, has_base=True))
     assert not is_elementwise(MergeSettings("weighted_sum", (1, 1)), normalize="layer")
+
+
+@pytest.mark.parametrize("mode", ["layer", "attn_only"])
+@pytest.mark.parametrize("settings", [LINEAR[0], STATISTICAL[0]], ids=lambda s: s.method)
+def test_normalize_chunked_equals_whole_tensors(tmp_path, files, settings, mode):
+    from library.model_normalize import normalized
+
+    models, base, mask_path = files
+
+    def run(chunk):
+        with MergeInputs(models, base if settings.has_base else None) as inputs:
+            places, _ = detect_places(inputs.models[0], "sd1", str(models[0]))
+            plan = build_plan(inputs.models, inputs.base, Strengths(places), uses_base=settings.has_base,
+                              save_dtype=None, paths=[str(p) for p in models])
+            out = tmp_path / f"n{chunk}.safetensors"
+            with StreamingWriter(out, {k.key: (k.dtype, k.shape) for k in plan.keys}) as writer:
+                run_merge(inputs, plan, settings, writer, chunk=chunk, normalize=mode)
+        return out, plan
+
+    outs = [run(chunk) for chunk in (8, 40, 1 << 20)]
+    assert len({sha256(out) for out, _ in outs}) == 1
+    got = load_file(str(outs[0][0]))
+    inputs = [load_file(str(p)) for p in models]
+    c = load_file(str(base))
+
+    def read(k):
+        return [m[k].float() for m in inputs] if all(k in m for m in inputs) else None
+
+    scaled = 0
+    for item in outs[0][1].merged:
+        tensors = normalized(item.key, read(item.key), mode, read)
+        scaled += not tensors[1].equal(inputs[1][item.key].float())
+        want = merge_key(item.key, tensors, c[item.key].float() if settings.has_base else None, settings,
+                         item.strength).to(item.dtype)
+        assert got[item.key].view(torch.int16).equal(want.view(torch.int16)), item.key
+    assert scaled == (2 if mode == "attn_only" else len(outs[0][1].merged))  # attn_only: Q and the TE's q_proj
 
 
 def test_stream_hasher_equals_hashlib_whatever_is_offered(tmp_path):
