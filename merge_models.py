@@ -128,7 +128,8 @@ def main(args: argparse.Namespace) -> dict:
         with StreamingWriter(save_to, specs, meta, inputs=paths, overwrite=args.overwrite) as writer, \
                 inputs.hash_while_reading(files) as hasher:
             rounding = run_merge(inputs, plan, settings, writer, compute=compute_dtype(args), device=device,
-                                 normalize=args.normalize, on_key=lambda: bar.update(1))
+                                 normalize=args.normalize, on_key=lambda: bar.update(1),
+                                 measure_all=bool(args.verbose))
             hashes = hasher.digests()  # the inputs hashed from the bytes the merge read, on a second thread
             if recipe is not None:
                 check_inputs(recipe, hashes, device.type, args.recipe)  # before the output is renamed into place

@@ -38,10 +38,13 @@ PEAK_RSS_SNIPPET = (
     "    return round(kb / 1024, 1)\n"
 )
 
+# cp + sync: the merge's writer fsyncs its output before the rename, so the copy is timed to the same point.
 COPY_CHILD = PEAK_RSS_SNIPPET + r"""
-import shutil, sys, time
+import os, shutil, sys, time
 start = time.perf_counter()
 shutil.copyfile(sys.argv[1], sys.argv[2])
+with open(sys.argv[2], "rb+") as f:
+    os.fsync(f.fileno())
 print(json.dumps({"copy_s": round(time.perf_counter() - start, 2), "peak_rss_mib": peak_mib()}))
 """
 

@@ -12,7 +12,8 @@ shapes: the 1280×2048 / 10240×1280 projections, conv 1280×2560×3×3, …) in
 (unless --no_embedding) CLIP-G's 49408×1280 token embedding, SDXL's largest tensor (253 MB in float32), so
 that the peak is the full model's. Elementwise methods (weighted_sum, add_difference, task_arithmetic) go
 through each tensor in chunks: their peak does not depend on the tensor sizes or the input count. The
-other methods hold (inputs + 3) × the largest tensor in float32. Time scales with the bytes.
+other methods take a first pass over each key for their statistics and hold one float32 |τ| buffer of it.
+Time scales with the bytes.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ the opposite (1 keeps A). `protect` keeps A where |A − C| is in A's largest `p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,30 +81,38 @@ def is_elementwise(settings: MergeSettings, normalize: str | None = None) -> boo
 
 
 def linear_merge(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, settings: MergeSettings,
-                 strength: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                 strength: float = 1.0, mask: torch.Tensor | None = None,
+                 scratch: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """weighted_sum, add_difference and task_arithmetic ("add"), then the strength and the mask, on whole
     tensors or on any same slice of them. Only elementwise multiplies, adds and selects, each rounded on
     its own (no `add_(alpha=)`, whose vector loop may fuse into an FMA and its scalar tail not), so an
     element's value does not depend on where a chunk starts: chunked and whole results are bit-identical.
-    The inputs are not changed (a hashing thread may still be reading their buffers)."""
+    The inputs are not changed (a hashing thread may still be reading their buffers). `scratch(i)` gives
+    reusable buffers 0 and 1 shaped like the inputs (a chunked pass's, kept in cache) for the results, which
+    are then views of them; without it they are new tensors. Either way the same operations run."""
     a = tensors[0]
+
+    def buffer(slot: int) -> torch.Tensor | None:
+        return scratch(slot) if scratch is not None else None
+
     if settings.method == "weighted_sum":
-        merged = a * float(settings.ratios[0])
+        merged = torch.mul(a, float(settings.ratios[0]), out=buffer(0))
         for r, t in zip(settings.ratios[1:], tensors[1:]):
-            merged += t * float(r)
+            merged += torch.mul(t, float(r), out=buffer(1))
     else:
         anchor = base if base is not None else a
         first = 0 if base is not None else 1
         total = None
         for r, t in zip(settings.ratios[first:], tensors[first:]):
-            tau = t - anchor
+            tau = torch.sub(t, anchor, out=buffer(0 if total is None else 1))
             tau *= float(r)
             total = tau if total is None else total.add_(tau)
-        merged = anchor.clone() if total is None else total.add_(anchor)
+        merged = (anchor.clone() if scratch is None else buffer(0).copy_(anchor)) if total is None \
+            else total.add_(anchor)
     if strength != 1:
         merged = merged.sub_(a).mul_(float(strength)).add_(a)
     if mask is not None:
-        merged = torch.where(mask.to(merged.device), merged, a)
+        merged = torch.where(mask.to(merged.device), merged, a, out=buffer(1))
     return merged
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,6 +503,9 @@ class StreamingWriter:
         self._header_bytes = self._encode_header(self._metadata)
         self._written: set[str] = set()
         self._partial: dict[str, int] = {}  # elements written of keys written in chunks (write_flat)
+        # Worker threads may write keys side by side (merge_models): each seek + write, and the bookkeeping of
+        # what was written, happens under this lock.
+        self._lock = threading.RLock()
         self._out: AtomicFile | None = None
         self._file = None
 
@@ -563,14 +567,14 @@ class StreamingWriter:
         if tensor.dim() != 1 or not 0 <= start <= start + tensor.numel() <= count:
             raise ValueError(f"{key}: a 1-D chunk [{start}, {start + tensor.numel()}) must lie in its {count} elements")
         data = tensor_bytes(cast_clamped(tensor, dtype))
-        with self._disk():
+        with self._lock, self._disk():
             self._file.seek(len(self._header_bytes) + info.begin + start * size)
             self._file.write(data)
-        done = self._partial.pop(key, 0) + tensor.numel()
-        if done >= count:
-            self._written.add(key)
-        else:
-            self._partial[key] = done
+            done = self._partial.pop(key, 0) + tensor.numel()
+            if done >= count:
+                self._written.add(key)
+            else:
+                self._partial[key] = done
 
     def update_metadata(self, updates: Mapping[str, str]) -> None:
         """Rewrite header metadata values known only at the end (input hashes read while writing): the new
@@ -580,7 +584,7 @@ class StreamingWriter:
         header = self._encode_header(metadata)
         if len(header) != len(self._header_bytes):
             raise ValueError(f"the new metadata changes the header's length ({len(self._header_bytes)} → {len(header)})")
-        with self._disk():
+        with self._lock, self._disk():
             self._file.seek(0)
             self._file.write(header)
         self._metadata, self._header_bytes = metadata, header
@@ -599,7 +603,7 @@ class StreamingWriter:
         info = self._entry(key)
         size = info.end - info.begin
         dest = len(self._header_bytes) + info.begin
-        with open(path, "rb") as src, self._disk():
+        with open(path, "rb") as src, self._lock, self._disk():
             self._file.flush()  # buffered bytes must land before the kernel writes beside them
             done = 0
             if hasattr(os, "copy_file_range"):
@@ -621,7 +625,7 @@ class StreamingWriter:
                     raise LoraToolsError("file ends inside the tensor", file=os.fspath(path), key=key)
                 self._file.write(chunk)
                 done += len(chunk)
-        self._written.add(key)
+            self._written.add(key)
 
     def _entry(self, key: str) -> TensorInfo:
         if key in self._written:
@@ -634,10 +638,10 @@ class StreamingWriter:
     def _write_bytes(self, key: str, info: TensorInfo, data: bytes | memoryview) -> None:
         if len(data) != info.end - info.begin:
             raise ValueError(f"{key}: expected {info.end - info.begin} bytes, got {len(data)}")
-        with self._disk():
+        with self._lock, self._disk():
             self._file.seek(len(self._header_bytes) + info.begin)
             self._file.write(data)
-        self._written.add(key)
+            self._written.add(key)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

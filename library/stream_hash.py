@@ -45,6 +45,7 @@ class StreamHasher:
             self._files.setdefault(os.path.abspath(p), _Digest(os.path.abspath(p)))
         self._queue: queue.Queue = queue.Queue()
         self._room = threading.Condition()
+        self._order = threading.Lock()
         self._pending = 0  # bytes of the buffers queued and not hashed yet
         self._error: tuple[str, OSError] | None = None
         self._abandon = False
@@ -65,6 +66,10 @@ class StreamHasher:
         return lambda offset, data: self._offer(digest, offset, data)
 
     def _offer(self, digest: _Digest, offset: int, data: memoryview) -> None:
+        with self._order:  # readers on several threads: each file's cursor moves under one lock
+            self._offer_in_order(digest, offset, data)
+
+    def _offer_in_order(self, digest: _Digest, offset: int, data: memoryview) -> None:
         end = offset + len(data)
         if end <= digest.cursor:
             return
