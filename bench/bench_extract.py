@@ -166,8 +166,12 @@ for name in ("torchvision", "cv2"):
     except Exception:  # missing, or a torchvision built for another torch
         for k in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[k]
-        mod = types.ModuleType(name)
-        mod.transforms = types.ModuleType(name + ".transforms")
+        def stand_in(qualname):  # every attribute (Compose, INTER_AREA, ...) is a callable doing nothing
+            mod = types.ModuleType(qualname)
+            mod.__getattr__ = lambda attr: (lambda *a, **k: None)
+            return mod
+        mod = stand_in(name)
+        mod.transforms = sys.modules[name + ".transforms"] = stand_in(name + ".transforms")
         sys.modules[name] = mod
 script = os.path.join(sd_dir, "networks", "extract_lora_from_models.py")
 sys.path[:0] = [sd_dir, os.path.dirname(script)]

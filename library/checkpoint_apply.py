@@ -206,19 +206,20 @@ def one_thread(enabled: bool = True):
 
 def _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator, compute_dtype, device, chunk_elements,
             result, nonfinite, measure) -> None:
-    def job(key: str, dtype: torch.dtype, contributions) -> tuple[torch.Tensor, KeyStats | None]:
+    def job(key: str, dtype: torch.dtype, contributions) -> KeyStats | None:
         stored = reader.read(key)  # its own buffer, not the mmap (see the module docstring)
         if not contributions:
-            return stored, None  # the writer casts (clamped) to the planned dtype
+            writer.write(key, stored)  # the writer casts (clamped) to the planned dtype
+            return None
         measured = measure if measure is not None else dtype.itemsize == 1
         stats = KeyStats(key) if measured else None
         new = updated_tensor(stored, contributions, out_dtype=dtype, compute_dtype=compute_dtype, device=device,
                              chunk_elements=chunk_elements, stats=stats)
-        return new, stats or KeyStats(key)
+        writer.write(key, new)
+        return stats or KeyStats(key)
 
     def finish(key: str, future) -> None:
-        new, stats = future.result()
-        writer.write(key, new)
+        stats = future.result()
         if stats is None:
             result.cast += 1
             return
@@ -226,9 +227,11 @@ def _stream(reader, plan, save_to, specs, metadata, inputs, overwrite, iterator,
             nonfinite.check(key, torch.tensor(stats.intended_sq + stats.error_sq))
         result.changed.append(stats)
 
-    # Changed tensors are read and computed by two worker threads (file reads and torch ops release the
-    # GIL, so both cores work, and the disk works while they compute); the writer accepts tensors in any
-    # order, and at most IN_FLIGHT are held at once. Untouched tensors are copied meanwhile.
+    # Changed tensors are read, computed and written by two worker threads (file reads, torch ops and writes
+    # release the GIL, so both cores work, and the disk works while they compute); the writer accepts
+    # tensors in any order, so a large tensor ahead does not hold back the writing of those behind it
+    # (written by the main thread they waited for it: 35.4 against 39.8 s into an SDXL checkpoint). At most
+    # IN_FLIGHT tensors are held at once. Untouched tensors are copied by the main thread meanwhile.
     with StreamingWriter(save_to, specs, metadata, inputs=inputs, overwrite=overwrite) as writer, \
             ThreadPoolExecutor(max_workers=WORKERS) as pool:
         pending: deque = deque()

@@ -30,6 +30,7 @@ import torch
 from library.destination import DISK_ERRNOS, AtomicFile, Destination
 from library.errors import LoraToolsError
 from library.precision import PRECISION_CHOICES, parse_dtype  # noqa: F401  (re-exported)
+from library.writeback import Writeback
 
 # safetensors' own limit for the JSON header; anything bigger is corruption, not metadata.
 MAX_HEADER_BYTES = 100_000_000
@@ -506,6 +507,7 @@ class StreamingWriter:
         # Worker threads may write keys side by side (merge_models): each seek + write, and the bookkeeping of
         # what was written, happens under this lock.
         self._lock = threading.RLock()
+        self._writeback = Writeback()
         self._out: AtomicFile | None = None
         self._file = None
 
@@ -570,6 +572,7 @@ class StreamingWriter:
         with self._lock, self._disk():
             self._file.seek(len(self._header_bytes) + info.begin + start * size)
             self._file.write(data)
+            self._writeback.wrote(self._file, len(data))
             done = self._partial.pop(key, 0) + tensor.numel()
             if done >= count:
                 self._written.add(key)
@@ -626,6 +629,7 @@ class StreamingWriter:
                 self._file.write(chunk)
                 done += len(chunk)
             self._written.add(key)
+            self._writeback.wrote(self._file, size)
 
     def _entry(self, key: str) -> TensorInfo:
         if key in self._written:
@@ -642,6 +646,7 @@ class StreamingWriter:
             self._file.seek(len(self._header_bytes) + info.begin)
             self._file.write(data)
             self._written.add(key)
+            self._writeback.wrote(self._file, len(data))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

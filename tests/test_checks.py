@@ -74,3 +74,21 @@ def test_is_finite_reads_fp8_tensors():
         assert is_finite(clean)
         assert not is_finite(torch.tensor([1.0, float("nan")]).to(dtype))
     assert not is_finite(torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2))
+
+
+def test_is_finite_tells_overflowing_sums_of_finite_values_from_nan_and_inf():
+    import torch
+
+    from library.checks import is_finite
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        big = torch.finfo(dtype).max
+        # finite values whose float32 (or float64) sum overflows: still finite
+        assert is_finite(torch.full((4,), big, dtype=dtype))
+        assert is_finite(torch.tensor([big, -big, big], dtype=dtype))
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            t = torch.zeros(1000, dtype=dtype)
+            t[537] = bad
+            assert not is_finite(t), (dtype, bad)
+        assert not is_finite(torch.tensor([float("inf"), float("-inf")], dtype=dtype))  # sums to NaN
+    assert is_finite(torch.empty(0)) and is_finite(torch.arange(3))
