@@ -119,7 +119,9 @@ def _mask_items(path):
         return keys, [f.get(k) for k in keys]
 
 
-def test_chunked_merge_reads_only_chunks(tmp_path, files, monkeypatch):
+def chunk_reads(monkeypatch) -> list[int]:
+    """The length of every read_flat from now on; a whole-tensor read fails the test (copied keys go by
+    copy_file_range, merged ones by chunks)."""
     largest = []
     original = LazyReader.read_flat
 
@@ -131,7 +133,12 @@ def test_chunked_merge_reads_only_chunks(tmp_path, files, monkeypatch):
         raise AssertionError(f"whole-tensor read of {key}")
 
     monkeypatch.setattr(LazyReader, "read_flat", read_flat)
-    monkeypatch.setattr(LazyReader, "read", whole)  # copied keys go by copy_file_range, merged ones by chunks
+    monkeypatch.setattr(LazyReader, "read", whole)
+    return largest
+
+
+def test_chunked_merge_reads_only_chunks(tmp_path, files, monkeypatch):
+    largest = chunk_reads(monkeypatch)
     merged_file(tmp_path, files, LINEAR[0], 64, mask=False)
     assert largest and max(largest) <= 64
     assert chunk_elements(2, torch.float32) == chunk_elements(9, torch.float32, budget=10 << 30)  # the cap
@@ -222,20 +229,9 @@ def test_magnitude_cut_over_chunks_is_top_k_with_ties_in_memory_order():
 
 
 def test_statistics_merges_read_only_chunks_and_blocks(tmp_path, files, monkeypatch):
-    largest = []
-    original = LazyReader.read_flat
-
-    def read_flat(self, key, start, stop):
-        largest.append(stop - start)
-        return original(self, key, start, stop)
-
-    def whole(self, key):
-        raise AssertionError(f"whole-tensor read of {key}")
-
     import library.model_merge_chunked as chunked
 
-    monkeypatch.setattr(LazyReader, "read_flat", read_flat)
-    monkeypatch.setattr(LazyReader, "read", whole)
+    largest = chunk_reads(monkeypatch)
     monkeypatch.setattr(chunked, "STATS_BLOCK", 128)  # the first pass's blocks
     for settings in (STATISTICAL[0], STATISTICAL[6]):
         merged_file(tmp_path, files, settings, 64, mask=False, name=f"{settings.method}.safetensors")
