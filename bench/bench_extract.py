@@ -28,11 +28,13 @@ baseline, which also measures every module's error in both outputs against the e
 `--sd2 --quick` (no sd-scripts: it needs the whole checkpoint) keeps UNet input block 4 and text-encoder
 layer 0. sd-scripts runs with cwd = its checkout (its `library` package is not ours). Its pinned packages
 (requirements.txt of v0.10.1: transformers 4.54.1, tokenizers 0.21, huggingface_hub 0.34, diffusers 0.32.1,
-accelerate 1.6.0; transformers 5 renamed CLIPTextModel's keys, which its --v2 loader then fails to load) go
-in a folder of their own, `pip install --target /tmp/sdenv --no-deps ...`, given as --sd_scripts_path.
+accelerate 1.6.0, imagesize 1.4.1, which its save path imports through train_util; transformers 5 renamed
+CLIPTextModel's keys, which its --v2 loader then fails to load) go in a folder of their own,
+`pip install --target /tmp/sdenv --no-deps ...`, given as --sd_scripts_path.
 Its library/utils.py imports torchvision and cv2 for image code the extraction never runs; where they
 cannot be imported (PyPI has no torchvision for a +cpu torch) the runner puts empty stand-in modules in
-sys.modules after diffusers and transformers are imported, so their own availability checks see neither.
+sys.modules after diffusers and transformers are imported, so their own availability checks see neither
+(every attribute of a stand-in is a callable doing nothing: train_util builds `transforms.Compose(...)` on import).
 """
 
 from __future__ import annotations
