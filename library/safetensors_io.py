@@ -508,6 +508,7 @@ class StreamingWriter:
         # what was written, happens under this lock.
         self._lock = threading.RLock()
         self._writeback = Writeback()
+        self._disk_error: Exception | None = None  # the first full-disk (or read-only, …) error met, see _disk
         self._out: AtomicFile | None = None
         self._file = None
 
@@ -528,7 +529,12 @@ class StreamingWriter:
 
     @contextlib.contextmanager
     def _disk(self):
-        """A full disk, a size limit or a read-only folder while writing: remove the temp, say it in one line."""
+        """A full disk, a size limit or a read-only folder while writing: remove the temp, say it in one line.
+
+        Worker threads write side by side: once one of them met the disk error and the temp is gone, every
+        later write, on any thread, raises that same error (not "I/O operation on closed file")."""
+        if self._disk_error is not None:
+            raise self._disk_error
         try:
             yield
         except OSError as exc:
@@ -536,7 +542,8 @@ class StreamingWriter:
                 raise
             if self._out is not None:
                 self._out.discard()
-            raise self.destination.os_error(exc, self.size) from None
+            self._disk_error = self.destination.os_error(exc, self.size)
+            raise self._disk_error from None
 
     def __enter__(self) -> StreamingWriter:
         self._out = AtomicFile(self.destination, size=self.size)

@@ -319,3 +319,28 @@ def test_atomic_text_writer_refuses_like_the_tensor_writer(tmp_path):
         f.write(b"abc")
     assert (tmp_path / "t.txt").read_bytes() == b"abc" and temp_files(tmp_path) == []
 
+
+
+def test_a_write_after_another_threads_disk_error_repeats_that_error(tmp_path):
+    """Workers write side by side: once one hit a full disk (and the temp is gone), every later write on any
+    thread gets the same one-line error, never "I/O operation on closed file"."""
+    class FullDisk:
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    t = torch.zeros(8)
+    with pytest.raises(LoraToolsError) as first:
+        with StreamingWriter(tmp_path / "o.safetensors", {"a": (t.dtype, t.shape), "b": (t.dtype, t.shape)}) as w:
+            w._file = FullDisk(w._file)
+            with pytest.raises(LoraToolsError) as worker:
+                w.write("a", t)
+            assert "no space left" in str(worker.value)
+            w.write("b", t)  # the other thread, a moment later
+    assert first.value is worker.value
+    assert os.listdir(tmp_path) == []

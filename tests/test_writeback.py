@@ -47,3 +47,4 @@ def test_the_real_call_is_found_on_linux():
 
     if sys.platform.startswith("linux"):
         assert writeback._sync_file_range is not None
+
