@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from library.checks import NonFiniteTracker
+from library.checks import NonFiniteTracker, is_finite
 from library.extract.pairs import CheckpointPair
 from library.lowrank import fast_sq_norm
 from library.lowrank_engine import EngineSettings, LayerResult, LowRankJob, run_dense
@@ -321,9 +321,8 @@ class PairPrefetcher:
             delta = difference(base, tuned, self.options)
         del base, tuned
         with stage("finite check (one sum)"):
-            # NaN/inf in either input make the difference NaN/inf; a finite difference can sum to inf only
-            # for values near float32's limit, and then the caller's check by name clears it.
-            finite = bool(torch.isfinite(delta.sum())) if delta.numel() else True
+            # NaN/inf in either input make the difference NaN/inf (is_finite: one sum, exact when it overflows)
+            finite = is_finite(delta)
         return delta, finite, time.perf_counter() - start
 
     def take(self, key: str) -> tuple[torch.Tensor, bool, float]:
